@@ -1,0 +1,75 @@
+"""``onetrans-mini`` (also ``python -m onetrans_mini``): one sub-command per job.
+
+    onetrans-mini data NAME        prepare a dataset and print its summary and floors
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from .data import DATASETS, DataError
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}%"
+
+
+def cmd_data(args) -> int:
+    from .data import load_dataset
+    from .floors import floors
+
+    t0 = time.perf_counter()
+    data = load_dataset(args.name, seed=args.seed)
+    prep_s = time.perf_counter() - t0
+    s = data.summary()
+    fl = floors(data)
+    if args.json:
+        print(json.dumps({"summary": s, "floors": fl, "prepare_seconds": prep_s}, indent=2, default=float))
+        return 0
+    tasks = data.schema.task_names
+    print(f"dataset {s['name']}: {s['n_interactions']:,} interactions, {s['n_users']:,} users, "
+          f"{s['n_items']:,} items, {s['n_history_events']:,} history events  (prepared in {prep_s:.1f} s)")
+    print(f"sequences: {', '.join(q.name for q in data.schema.sequences)}; tasks: {', '.join(tasks)}")
+    print()
+    print(f"{'split':<6} {'requests':>9} {'candidates':>11} {'users':>6}  " + "  ".join(f"{'pos ' + t:>10}" for t in tasks))
+    for name, x in s["splits"].items():
+        print(f"{name:<6} {x['requests']:>9,} {x['candidates']:>11,} {x['users']:>6,}  "
+              + "  ".join(f"{_pct(x['positive_rate'][t]):>10}" for t in tasks))
+    print()
+    for key, label in (("request_size", "candidates per request"), ("history_length", "history length (all)"),
+                       ("history_length_kept", f"history length (kept, max_len={s['max_len']})")):
+        x = s[key]
+        print(f"{label:<36} mean {x['mean']:7.1f}  p50 {x['p50']:6.0f}  p90 {x['p90']:6.0f}  max {x['max']:5d}")
+    print()
+    print("test-split AUC / UAUC of the floors (fitted on train + val)" + (" and of the oracle" if data.has_prob else ""))
+    for t in tasks:
+        row = "  ".join(f"{name} {m['auc']:.4f} / {m['uauc']:.4f}" for name, m in fl[t].items())
+        print(f"  {t:<10} {row}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="onetrans-mini", description="OneTrans, small enough to read, complete enough to run.")
+    sub = p.add_subparsers(dest="command", required=True)
+    d = sub.add_parser("data", help="prepare a dataset and print its summary")
+    d.add_argument("name", help=f"one of {', '.join(DATASETS)}, or a path to your interactions (CSV file or folder)")
+    d.add_argument("--seed", type=int, default=0, help="seed of the synthetic world")
+    d.add_argument("--json", action="store_true", help="print the summary as JSON")
+    d.set_defaults(func=cmd_data)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except DataError as e:  # bad input: one clear line, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

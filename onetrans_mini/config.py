@@ -1,0 +1,166 @@
+"""Configs and named presets, shared by the tests, the notebooks and the CLI.
+
+``DataConfig`` says how interactions become requests; ``ModelConfig`` sizes the OneTrans stack; a
+preset (``nano``, ``small``, ``S``, ``L``) names one ``ModelConfig`` so that ``onetrans-mini train
+--preset small``, ``get_preset("small")`` in a notebook and the test suite all mean the same model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """How a user's interactions become requests (see ``data/requests.py``).
+
+    - A request groups consecutive interactions of one user that lie at most ``session_gap`` seconds
+      apart, at most ``max_candidates`` of them; they are the request's candidates.
+    - Its history is the user's history events (behaviours named by the schema's sequences) strictly
+      before the request's first candidate in (timestamp, row) order; the most recent ``max_len`` are
+      kept when a batch is built, left-padded so the newest event is always the last S-token.
+    - ``split="user"``: per user, the last ``test_frac`` of the interactions (by time) are test, the
+      ``val_frac`` before them validation, the rest training. ``split="time"``: global time quantiles
+      with the same fractions. Requests never straddle two splits.
+    """
+
+    max_len: int = 128
+    max_candidates: int = 16
+    session_gap: float = 3600.0  # seconds
+    split: str = "user"
+    val_frac: float = 0.1
+    test_frac: float = 0.2
+    min_count: int = 1  # vocabulary floor for categorical features with the default min_count
+
+    def __post_init__(self):
+        if self.max_len < 1:
+            raise ValueError(f"DataConfig.max_len must be >= 1, got {self.max_len}")
+        if self.max_candidates < 1:
+            raise ValueError(f"DataConfig.max_candidates must be >= 1, got {self.max_candidates}")
+        if self.split not in ("user", "time"):
+            raise ValueError(f"DataConfig.split must be 'user' or 'time', got {self.split!r}")
+        if not (0 <= self.val_frac < 1 and 0 < self.test_frac < 1 and self.val_frac + self.test_frac < 1):
+            raise ValueError(
+                f"DataConfig: need 0 <= val_frac, 0 < test_frac, val_frac + test_frac < 1; "
+                f"got val_frac={self.val_frac}, test_frac={self.test_frac}"
+            )
+
+    def preprocessing_key(self) -> dict:
+        """Fields that change the prepared requests (``max_len`` only changes batching)."""
+        d = dataclasses.asdict(self)
+        d.pop("max_len")
+        return d
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Size and switches of a OneTrans model (paper §2-§4).
+
+    ``max_len`` is L_S before [SEP] tokens; ``ns_tokens`` is L_NS for the auto-split tokenizer (the
+    group-wise tokenizer makes one token per schema group instead).
+    """
+
+    d_model: int = 64
+    n_heads: int = 4
+    n_layers: int = 2
+    ffn_mult: int = 4
+    ns_tokens: int = 8
+    max_len: int = 128
+    dropout: float = 0.0
+    # pyramid stacking (§4): S query tokens shrink linearly to the NS-token count across layers
+    pyramid: bool = True
+    pyramid_granularity: int = 8
+    # tokenizers (§2)
+    ns_tokenizer: str = "auto_split"  # or "group_wise"
+    seq_merge: str = "timestamp_aware"  # or "timestamp_agnostic"
+    use_sep: bool = True  # [SEP] between sequences in the timestamp-agnostic merge
+    # block (§3)
+    shared_params: bool = False  # ablation: NS tokens use the shared S weights too
+    causal: bool = True  # ablation: full attention (rules out the KV cache)
+    mixed_out_proj: bool = True  # token-specific W_O for NS tokens as well
+    emb_dim: int = 16  # embedding width of each raw feature before the tokenizers' MLPs
+    head_hidden: int = 64  # hidden width of each task tower
+    # explicit pyramid: S query tokens per layer (bottom to top, last one 0); empty = the linear schedule
+    pyramid_schedule: tuple[int, ...] = ()
+
+    def __post_init__(self):
+        # Config-only checks; what needs the schema (L_NS of the group-wise tokenizer, [SEP] count,
+        # vocabularies) is checked when the model is built (``model.OneTrans``).
+        positive = ("d_model", "n_heads", "n_layers", "ffn_mult", "ns_tokens", "max_len",
+                    "pyramid_granularity", "emb_dim", "head_hidden")
+        for name in positive:
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"ModelConfig.{name} must be an integer >= 1, got {v!r}")
+        if self.d_model % self.n_heads:
+            raise ValueError(
+                f"ModelConfig.d_model={self.d_model} must be divisible by n_heads={self.n_heads} "
+                f"(each head gets d_model // n_heads channels)"
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"ModelConfig.dropout must be in [0, 1), got {self.dropout!r}")
+        if self.ns_tokenizer not in NS_TOKENIZERS:
+            raise ValueError(f"ModelConfig.ns_tokenizer must be one of {NS_TOKENIZERS}, got {self.ns_tokenizer!r}")
+        if self.seq_merge not in SEQ_MERGES:
+            raise ValueError(f"ModelConfig.seq_merge must be one of {SEQ_MERGES}, got {self.seq_merge!r}")
+        if self.pyramid_schedule:
+            sched = tuple(self.pyramid_schedule)
+            if not self.pyramid:
+                raise ValueError("ModelConfig.pyramid_schedule is set but pyramid=False; drop one of them")
+            if len(sched) != self.n_layers:
+                raise ValueError(
+                    f"ModelConfig.pyramid_schedule needs one S-query count per layer (n_layers={self.n_layers}), "
+                    f"got {len(sched)}: {sched}"
+                )
+            if any((not isinstance(q, int)) or q < 0 for q in sched):
+                raise ValueError(f"ModelConfig.pyramid_schedule entries must be integers >= 0, got {sched}")
+            if any(b > a for a, b in zip(sched, sched[1:])):
+                raise ValueError(
+                    f"ModelConfig.pyramid_schedule must be non-increasing (a layer cannot query tokens its input "
+                    f"no longer has), got {sched}"
+                )
+            if sched[-1] != 0:
+                raise ValueError(
+                    f"ModelConfig.pyramid_schedule must end with 0: the top layer's S-token outputs feed nothing "
+                    f"(the task towers read the NS tokens), so it keeps only the NS tokens; got {sched}"
+                )
+            # the upper bound (L_S = max_len plus the [SEP] tokens of the merge) needs the schema: see OneTrans
+
+    def replace(self, **kw) -> "ModelConfig":
+        return dataclasses.replace(self, **kw)
+
+
+NS_TOKENIZERS = ("auto_split", "group_wise")
+SEQ_MERGES = ("timestamp_aware", "timestamp_agnostic")
+
+
+PRESETS: dict[str, ModelConfig] = {
+    # tests: runs a forward in milliseconds
+    "nano": ModelConfig(d_model=16, n_heads=2, n_layers=2, ffn_mult=2, ns_tokens=4, max_len=16,
+                        pyramid_granularity=4, emb_dim=8, head_hidden=16),
+    # trains on ML-100K on 2 CPU cores in minutes
+    "small": ModelConfig(d_model=64, n_heads=4, n_layers=3, ffn_mult=4, ns_tokens=8, max_len=128,
+                         pyramid_granularity=8, emb_dim=16, head_hidden=64),
+    # the paper's OneTrans_S and OneTrans_L shapes (§7): 6 x 256 x 4 heads, 8 x 384 x 4 heads
+    "S": ModelConfig(d_model=256, n_heads=4, n_layers=6, ffn_mult=4, ns_tokens=12, max_len=1024,
+                     pyramid_granularity=32, emb_dim=32, head_hidden=256),
+    "L": ModelConfig(d_model=384, n_heads=4, n_layers=8, ffn_mult=4, ns_tokens=16, max_len=1536,
+                     pyramid_granularity=32, emb_dim=32, head_hidden=384),
+}
+
+
+def get_preset(name: str, **overrides) -> ModelConfig:
+    """A named preset, optionally with fields replaced: ``get_preset("small", pyramid=False)``."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    return PRESETS[name].replace(**overrides) if overrides else PRESETS[name]
+
+
+# default data configs per dataset name (``onetrans-mini data NAME``)
+DATA_PRESETS: dict[str, DataConfig] = {
+    "movielens-100k": DataConfig(max_len=128, max_candidates=16, session_gap=3600.0),
+    "movielens-1m": DataConfig(max_len=256, max_candidates=16, session_gap=3600.0),
+    "synthetic": DataConfig(max_len=64, max_candidates=16, session_gap=60.0),
+    "synthetic-tiny": DataConfig(max_len=32, max_candidates=8, session_gap=60.0),
+}

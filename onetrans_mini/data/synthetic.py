@@ -1,0 +1,190 @@
+"""An offline, seeded e-commerce world whose true click and purchase probabilities are known.
+
+Users have features (age group, gender, region), a latent taste vector and a current *intent*
+category that drifts between requests. Items have a category, a brand, a price and a latent vector.
+Each request shows a user ``candidates`` items (half from the current intent, half from the whole
+catalogue); each candidate is clicked, carted and purchased with probabilities that depend on
+
+1. user and item features and their interaction (age group x category, gender x price),
+2. the user-item latent match,
+3. the RECENT behaviour sequence: how many of the last events share the candidate's category,
+   weighted by behaviour (purchase > cart > click) and by recency, plus the hidden intent that the
+   recent sequence reveals.
+
+so a model needs both the feature track and the sequence track. Clicked candidates become history
+events of type ``click``, ``cart`` or ``purchase``, interleaved on one timeline. Every candidate keeps
+its true probabilities (``prob_click``, ``prob_purchase``): their AUC on the test split is the best
+any model can reach (the oracle).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import pandas as pd
+
+from ..config import DATA_PRESETS, DataConfig
+from ..features import Bucketized, Categorical, Schema, SequenceSpec, Task
+from .download import cache_dir
+from .movielens import GAP_BOUNDARIES
+from .requests import RequestData, build_requests, cached
+
+
+@dataclass(frozen=True)
+class SyntheticSize:
+    n_users: int
+    n_items: int
+    n_requests: int  # per user
+    candidates: int  # per request
+    n_categories: int = 20
+    n_brands: int = 50
+    latent_dim: int = 8
+    memory: int = 20  # recent events that drive the sequence effect
+
+
+SIZES = {
+    "tiny": SyntheticSize(n_users=64, n_items=200, n_requests=12, candidates=8, n_categories=8, n_brands=10),
+    "small": SyntheticSize(n_users=400, n_items=1000, n_requests=24, candidates=16),
+    "default": SyntheticSize(n_users=1000, n_items=2000, n_requests=32, candidates=16),
+}
+
+BEHAVIOUR_WEIGHT = {"purchase": 2.0, "cart": 1.5, "click": 1.0}
+PRICE_BOUNDARIES = (5.0, 10.0, 20.0, 40.0, 80.0, 160.0)
+
+SYNTHETIC_SCHEMA = Schema(
+    ns_features=(
+        Categorical("user_id", "user", group="user_id", column="user"),
+        Categorical("age_group", "user"),
+        Categorical("gender", "user"),
+        Categorical("region", "user"),
+        Categorical("item_id", "item", group="item_id", column="item"),
+        Categorical("category", "item"),
+        Categorical("brand", "item"),
+        Bucketized("price", "item", boundaries=PRICE_BOUNDARIES),
+        Categorical("hour", "context"),
+        Categorical("weekday", "context"),
+        Bucketized("gap_since_last", "context", boundaries=GAP_BOUNDARIES, log=True),
+    ),
+    event_fields=(
+        Categorical("hist_item", "event", column="item", vocab_of="item_id"),
+        Categorical("hist_category", "event", column="category", vocab_of="category"),
+        Bucketized("hist_price", "event", column="price", boundaries=PRICE_BOUNDARIES),
+        Bucketized("hist_gap", "event", column="gap_prev", boundaries=GAP_BOUNDARIES, log=True),
+    ),
+    # the paper's intent order for the timestamp-agnostic merge: purchase, then cart, then click
+    sequences=(SequenceSpec("purchase", ("purchase",)), SequenceSpec("cart", ("cart",)), SequenceSpec("click", ("click",))),
+    tasks=(Task("click", "click"), Task("purchase", "purchase")),
+)
+
+
+def _sigmoid(z):
+    return 1.0 / (1.0 + np.exp(-z))
+
+
+def generate(size: SyntheticSize | str = "tiny", seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """(interactions, users, items) of a synthetic world. Same size and seed, same tables."""
+    s = SIZES[size] if isinstance(size, str) else size
+    rng = np.random.default_rng(seed)
+    U, I, K, C, D, M = s.n_users, s.n_items, s.n_categories, s.candidates, s.latent_dim, s.memory
+
+    # ---- the world -----------------------------------------------------------------------------
+    cat_vec = rng.normal(size=(K, D))
+    item_cat = rng.integers(K, size=I)
+    item_vec = cat_vec[item_cat] + 0.7 * rng.normal(size=(I, D))
+    item_pop = rng.normal(0.0, 0.5, size=I)
+    item_brand = rng.integers(s.n_brands, size=I)
+    brand_effect = rng.normal(0.0, 0.3, size=s.n_brands)
+    item_price = np.round(np.exp(rng.normal(3.0, 1.0, size=I)), 2)
+    price_bucket = np.searchsorted(PRICE_BOUNDARIES, item_price)
+    user_age = rng.integers(6, size=U)
+    user_gender = rng.integers(2, size=U)
+    user_region = rng.integers(10, size=U)
+    user_vec = rng.normal(size=(U, D))
+    age_x_cat = rng.normal(0.0, 0.6, size=(6, K))  # user feature x item feature interaction
+    gender_x_price = rng.normal(0.0, 0.4, size=(2, len(PRICE_BOUNDARIES) + 1))
+    taste = user_vec @ cat_vec.T / np.sqrt(D)  # (U, K)
+    pref = np.exp(1.5 * taste)
+    pref /= pref.sum(1, keepdims=True)  # each user's distribution of intents
+    items_by_cat = [np.flatnonzero(item_cat == k) for k in range(K)]
+
+    def sample_intent(users):
+        u = rng.random(len(users))[:, None]
+        return (u > np.cumsum(pref[users], axis=1)).sum(1).clip(max=K - 1)
+
+    intent = sample_intent(np.arange(U))
+    hist_cat = np.full((U, M), -1)  # recent history ring, newest last
+    hist_w = np.zeros((U, M))
+    decay = 0.85 ** np.arange(M)[::-1]  # (M,) newest event weighs 1
+    t = 1.6e9 + rng.uniform(0, 30 * 86400, size=U)
+
+    rows = []
+    for k in range(s.n_requests):
+        switch = rng.random(U) < 0.3
+        intent = np.where(switch, sample_intent(np.arange(U)), intent)
+        # candidates: half from the intent category, half from the whole catalogue
+        n_int = C // 2
+        from_intent = np.stack([rng.choice(items_by_cat[c], size=n_int) if len(items_by_cat[c]) else rng.integers(I, size=n_int) for c in intent])
+        cand = np.concatenate([from_intent, rng.integers(I, size=(U, C - n_int))], axis=1)  # (U, C)
+        cc = item_cat[cand]  # (U, C)
+        seq = ((hist_cat[:, None, :] == cc[:, :, None]) * (hist_w * decay)[:, None, :]).sum(-1)  # (U, C)
+        latent = (user_vec[:, None, :] * item_vec[cand]).sum(-1) / np.sqrt(D)
+        z_click = (
+            -1.6 + item_pop[cand] + brand_effect[item_brand[cand]] + age_x_cat[user_age[:, None], cc]
+            + 0.6 * latent + 0.5 * np.tanh(seq) + 0.8 * (cc == intent[:, None])
+        )
+        p_click = _sigmoid(z_click)
+        p_buy = _sigmoid(-1.0 + 0.6 * np.tanh(seq) + gender_x_price[user_gender[:, None], price_bucket[cand]] + 0.4 * latent)
+        click = rng.random((U, C)) < p_click
+        buy = click & (rng.random((U, C)) < p_buy)
+        cart = click & (buy | (rng.random((U, C)) < 0.3))
+        behaviour = np.where(buy, "purchase", np.where(cart, "cart", np.where(click, "click", "impression")))
+        for j in range(C):
+            rows.append(pd.DataFrame({
+                "user": np.arange(U), "item": cand[:, j], "timestamp": np.floor(t), "click": click[:, j].astype(np.int8),
+                "purchase": buy[:, j].astype(np.int8), "behaviour": behaviour[:, j],
+                "prob_click": p_click[:, j], "prob_purchase": p_click[:, j] * p_buy[:, j], "_k": k, "_j": j,
+            }))
+        # append this request's clicked items to each user's recent history (newest last)
+        w_new = np.where(buy, BEHAVIOUR_WEIGHT["purchase"], np.where(cart, BEHAVIOUR_WEIGHT["cart"], np.where(click, 1.0, 0.0)))
+        all_cat = np.concatenate([hist_cat, np.where(click, cc, -1)], axis=1)  # (U, M + C)
+        all_w = np.concatenate([hist_w, w_new], axis=1)
+        valid = all_w > 0
+        order = np.argsort(~valid, axis=1, kind="stable")  # valid entries first, in time order
+        n_valid = valid.sum(1)
+        take = (n_valid[:, None] - M + np.arange(M)[None, :])  # the last M valid entries
+        ok = take >= 0
+        idx = np.take_along_axis(order, take.clip(min=0), axis=1)
+        hist_cat = np.where(ok, np.take_along_axis(all_cat, idx, axis=1), -1)
+        hist_w = np.where(ok, np.take_along_axis(all_w, idx, axis=1), 0.0)
+        t = t + 600 + rng.exponential(8 * 3600, size=U)
+
+    inter = pd.concat(rows, ignore_index=True).sort_values(["user", "_k", "_j"], kind="mergesort")
+    inter = inter.drop(columns=["_k", "_j"]).reset_index(drop=True)
+    users = pd.DataFrame({"user": np.arange(U), "age_group": user_age, "gender": np.where(user_gender == 1, "F", "M"),
+                          "region": user_region})
+    items = pd.DataFrame({"item": np.arange(I), "category": item_cat, "brand": item_brand, "price": item_price})
+    return inter, users, items
+
+
+def load_synthetic(size: str = "default", seed: int = 0, config: DataConfig | None = None, use_cache: bool = True) -> RequestData:
+    """Prepared requests of a synthetic world (no network, no data dir needed)."""
+    if size not in SIZES:
+        raise ValueError(f"unknown synthetic size {size!r}; expected one of {sorted(SIZES)}")
+    config = config or DATA_PRESETS["synthetic-tiny" if size == "tiny" else "synthetic"]
+    if config.max_candidates < SIZES[size].candidates:
+        raise ValueError(
+            f"synthetic {size!r} shows {SIZES[size].candidates} candidates per request; "
+            f"DataConfig.max_candidates={config.max_candidates} would cut requests in two"
+        )
+    name = f"synthetic-{size}"
+
+    def build():
+        inter, users, items = generate(size, seed)
+        return build_requests(inter, SYNTHETIC_SCHEMA, config, users=users, items=items, name=name)
+
+    if not use_cache:
+        return build()
+    data = cached(cache_dir(), name, [name, seed, asdict(SIZES[size]), SYNTHETIC_SCHEMA.to_dict(), config.preprocessing_key()], build)
+    data.config = config
+    return data
