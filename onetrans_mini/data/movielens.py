@@ -188,7 +188,8 @@ def load_movielens(name: str = "movielens-100k", config: DataConfig | None = Non
     spec, reader = specs[name]
     config = config or DATA_PRESETS[name]
     folder = fetch(spec, root, progress=progress)
-    fingerprint = [(f, (folder / f).stat().st_size) for f in spec.files]
+    # size and mtime of each raw file: a replaced copy is re-prepared (and re-verified), never served stale
+    fingerprint = [(f, (folder / f).stat().st_size, (folder / f).stat().st_mtime_ns) for f in spec.files]
 
     def build():
         if spec is ML100K:
