@@ -78,7 +78,10 @@ class ModelConfig:
     # block (§3)
     shared_params: bool = False  # ablation: NS tokens use the shared S weights too
     causal: bool = True  # ablation: full attention (rules out the KV cache)
-    mixed_out_proj: bool = True  # token-specific W_O for NS tokens as well
+    # token-specific W_O for NS tokens as well (the paper leaves W_O open). Default True: then EVERY linear
+    # map of the block follows the mixed rule, each NS token reads its attention output with its own W_O
+    # (as its own FFN does); it costs L_NS * d^2 parameters per layer and no FLOPs. False: NS share W_O_S.
+    mixed_out_proj: bool = True
     emb_dim: int = 16  # embedding width of each raw feature before the tokenizers' MLPs
     head_hidden: int = 64  # hidden width of each task tower
     # explicit pyramid: S query tokens per layer (bottom to top, last one 0); empty = the linear schedule

@@ -1,0 +1,380 @@
+"""OneTrans: one causal Transformer over ``[S-tokens ; NS-tokens]`` (paper §3-§4), top to bottom:
+
+1. ``pyramid_schedule``: how many S-tokens issue queries at each layer.
+2. ``OneTransBlock``: pre-norm block with mixed parameters; separate entry points for the full forward,
+   for the S-tokens alone (Stage I of a KV cache) and for the NS-tokens against given S keys/values
+   (Stage II), all running the same code.
+3. ``OneTrans``: tokenizer -> blocks -> one tower per task over the final NS-token states.
+
+Shapes: ``R`` requests, ``B`` candidates (``request_index`` (B,) maps each to its request), ``L_S``
+S-tokens, ``L_NS`` NS-tokens, ``d`` width, ``H`` heads, ``hd = d / H``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from einops import rearrange
+
+from .attention import MixedAttention
+from .config import ModelConfig
+from .features import MultiCategorical, Schema
+from .layers import MixedFFN, RMSNorm, residual_scale
+from .tokenizer import Tokenizer, mlp, n_ns_tokens, n_s_tokens
+
+# ----------------------------------------------------------------------------------------------
+# 1. the pyramid
+
+
+def pyramid_schedule(n_s: int, n_ns: int, n_layers: int, granularity: int, pyramid: bool = True) -> list[int]:
+    """S-tokens that issue queries at each layer, bottom to top (paper §4).
+
+    - Layer 0 queries all ``n_s`` S-tokens.
+    - Layers in between shrink LINEARLY from ``n_s`` towards ``n_ns`` (the paper: "1190 -> 12" for
+      OneTrans_S), each rounded to the nearest multiple of ``granularity``, at least one granule, never
+      more than the layer below kept (a layer can only query tokens its input still has).
+    - The top layer keeps ONLY the NS-tokens (0 S queries): its query count matches the number of
+      NS-tokens, as in the paper. Any S-token state it produced would feed nothing (the towers read the
+      NS-tokens), so computing it would be pure waste, and its weights would get no gradient
+      (DistributedDataParallel fails on such parameters).
+
+    ``pyramid=False`` (the ablation) keeps every S-token up to the top layer, which still keeps only the
+    NS-tokens for the same reason: the outputs are identical to computing all queries there.
+
+    Kept tokens are always the TAIL: with left padding these are the most recent real events, and a
+    padding token is kept only when the history is shorter than that layer's count.
+
+    >>> pyramid_schedule(1024, 12, 6, 32)
+    [1024, 832, 608, 416, 224, 0]
+    """
+    if n_layers < 1:
+        raise ValueError(f"pyramid_schedule: n_layers must be >= 1, got {n_layers}")
+    if granularity < 1:
+        raise ValueError(f"pyramid_schedule: granularity must be >= 1, got {granularity}")
+    if n_layers == 1:
+        return [0]
+    if not pyramid:
+        return [n_s] * (n_layers - 1) + [0]
+    out = [n_s]
+    for layer in range(1, n_layers - 1):
+        target = n_s + (n_ns - n_s) * layer / (n_layers - 1)  # linear interpolation n_s -> n_ns
+        q = granularity * math.floor(target / granularity + 0.5)  # nearest multiple (halves round up)
+        q = max(q, min(granularity, n_s))
+        out.append(min(q, out[-1]))
+    return out + [0]
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. the block
+
+
+class OneTransBlock(nn.Module):
+    """One OneTrans layer, pre-norm (paper §3)::
+
+        Z  = MixedMHA(RMSNorm(X)) + X
+        X' = MixedFFN(RMSNorm(Z)) + Z
+
+    with X = [S-tokens ; NS-tokens]. Only the last ``n_q`` S-tokens (and all NS-tokens) issue queries
+    (pyramid); queries, attention outputs, W_O and the FFN run on those tokens only, keys and values on
+    all of them. ``has_s_queries=False`` (the top layer) makes an NS-only layer: it still reads the
+    S-tokens as keys/values but owns no S-side query, output or FFN weights.
+
+    Entry points (all share ``_update``, so the maths exists once):
+
+    - ``forward(x_s, x_ns, s_real, n_q)``: the full forward of one layer;
+    - ``forward_s(x_s, s_real, n_q) -> (x_s', kv_s)``: Stage I, the S-tokens alone (causal only: an
+      S-token never sees an NS-token), returning this layer's S keys/values to cache;
+    - ``forward_ns(x_ns, kv_s, s_real) -> x_ns'``: Stage II, NS-tokens against given S keys/values
+      (gather a request's cache per candidate: ``k[request_index]``).
+    """
+
+    def __init__(self, config: ModelConfig, n_ns: int, layer_idx: int = 0, has_s_queries: bool = True):
+        super().__init__()
+        d = config.d_model
+        rs = residual_scale(config.n_layers)
+        self.has_s_queries = has_s_queries
+        self.norm1 = RMSNorm(d)
+        self.attn = MixedAttention(d, config.n_heads, n_ns, has_s_queries=has_s_queries,
+                                   shared_params=config.shared_params, mixed_out_proj=config.mixed_out_proj,
+                                   causal=config.causal, dropout=config.dropout, resid_scale=rs, layer_idx=layer_idx)
+        self.norm2 = RMSNorm(d)
+        self.ffn = MixedFFN(d, config.ffn_mult * d, n_ns, shared_params=config.shared_params,
+                            has_s=has_s_queries, resid_scale=rs)
+        self.drop = nn.Dropout(config.dropout)
+
+    def kv_s(self, x_s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """This layer's keys/values of the S-tokens ``x_s`` (N, Ls, d): 2 x (N, H, Ls, hd)."""
+        return self.attn.kv_s(self.norm1(x_s))
+
+    def forward(self, x_s: torch.Tensor, x_ns: torch.Tensor, s_real: torch.Tensor, n_q: int):
+        """x_s (N, Ls, d), x_ns (N, L_NS, d), s_real (N, Ls) -> (x_s' (N, n_q, d) or None, x_ns' (N, L_NS, d))."""
+        h_s = self.norm1(x_s)  # (N, Ls, d): every S-token is a key
+        kv = self.attn.kv_s(h_s)  # 2 x (N, H, Ls, hd)
+        x_sq, h_sq = self._tail(x_s, h_s, n_q)
+        return self._update(x_sq, h_sq, x_ns, kv, s_real)
+
+    def forward_s(self, x_s: torch.Tensor, s_real: torch.Tensor, n_q: int):
+        """Stage I: (x_s' (N, n_q, d) or None at the top layer, kv_s 2 x (N, H, Ls, hd))."""
+        h_s = self.norm1(x_s)
+        kv = self.attn.kv_s(h_s)
+        x_sq, h_sq = self._tail(x_s, h_s, n_q)
+        if x_sq is None:
+            return None, kv
+        x_s_out, _ = self._update(x_sq, h_sq, None, kv, s_real)
+        return x_s_out, kv
+
+    def forward_ns(self, x_ns: torch.Tensor, kv_s: tuple[torch.Tensor, torch.Tensor], s_real: torch.Tensor):
+        """Stage II: NS-tokens (N, L_NS, d) attend to given S keys/values (N, H, Ls, hd) -> (N, L_NS, d)."""
+        return self._update(None, None, x_ns, kv_s, s_real)[1]
+
+    def _tail(self, x_s, h_s, n_q):
+        if not self.has_s_queries:
+            if n_q:
+                raise ValueError(f"this block has no S-token queries (top layer) but n_q={n_q}")
+            return None, None
+        ls = x_s.shape[1]
+        return x_s[:, ls - n_q:], h_s[:, ls - n_q:]  # (N, n_q, d): the most recent S-tokens
+
+    def _update(self, x_sq, h_sq, x_ns, kv_s, s_real):
+        h_ns = None if x_ns is None else self.norm1(x_ns)  # (N, L_NS, d)
+        o_s, o_ns = self.attn(h_sq, h_ns, kv_s, s_real)
+        out_s = out_ns = None
+        if o_s is not None:
+            z = x_sq + self.drop(o_s)  # Z = MixedMHA(RMSNorm(X)) + X, S-tokens  (N, n_q, d)
+            out_s = z + self.drop(self.ffn.forward_s(self.norm2(z)))  # X' = MixedFFN(RMSNorm(Z)) + Z
+        if o_ns is not None:
+            z = x_ns + self.drop(o_ns)  # NS-tokens  (N, L_NS, d)
+            out_ns = z + self.drop(self.ffn.forward_ns(self.norm2(z)))
+        return out_s, out_ns
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. the model
+
+
+class OneTrans(nn.Module):
+    """Tokenizer -> OneTrans blocks (pyramid) -> one tower per task over the final NS-token states.
+
+    Args:
+        config: ``ModelConfig`` (see ``config.get_preset``).
+        schema: the dataset's ``features.Schema``.
+        vocab_sizes: ``features.Vocabularies`` or ``{feature name: vocabulary size}``.
+
+    ``forward(batch, targets=None) -> (logits (B, n_tasks), loss or None)``; ``loss`` is the mean binary
+    cross-entropy over tasks and candidates. The forward is the plain "full" one: for every candidate b
+    it runs the sequence ``[S-tokens of request request_index[b] ; NS-tokens of b]`` (the S-tokens are
+    tokenized once per request, then gathered). A two-stage forward (S once per request, NS per
+    candidate) calls the blocks' ``forward_s`` / ``forward_ns`` and must match it exactly
+    (``tests/test_model.py::test_blocks_split_into_stage_one_and_stage_two``)::
+
+        x_s, s_real, x_ns = model.tokenizer(batch)            # (R, L_S, d), (R, L_S), (B, L_NS, d)
+        for block, n_q in zip(model.blocks, model.schedule(x_s.shape[1])):
+            x_s_next, kv = block.forward_s(x_s, s_real, n_q)  # Stage I, per request: cache kv
+            x_ns = block.forward_ns(x_ns, (kv[0][ri], kv[1][ri]), s_real[ri])  # Stage II, per candidate
+            x_s, s_real = x_s_next, s_real[:, s_real.shape[1] - n_q:]
+        logits = model.head(model.norm_f(x_ns))
+
+    Batch length: the schedule is sized for ``config.max_len`` events; a batch may be padded to fewer
+    (the schedule is clipped, which is exactly what extra left padding would give), never to more.
+    """
+
+    def __init__(self, config: ModelConfig, schema: Schema, vocab_sizes):
+        super().__init__()
+        if not isinstance(config, ModelConfig):
+            raise TypeError(f"config must be a ModelConfig, got {type(config).__name__}")
+        self.config, self.schema = config, schema
+        self.n_ns = n_ns_tokens(config, schema)
+        if self.n_ns < 1:
+            raise ValueError(f"L_NS must be >= 1: ns_tokenizer={config.ns_tokenizer!r} gives {self.n_ns} NS tokens")
+        self.n_s = n_s_tokens(config, schema)  # L_S at config.max_len, [SEP]s included
+        self.n_tasks = len(schema.tasks)
+        if config.pyramid_schedule:
+            sched = list(config.pyramid_schedule)
+            if sched[0] > self.n_s:
+                raise ValueError(
+                    f"ModelConfig.pyramid_schedule[0]={sched[0]} exceeds L_S={self.n_s} "
+                    f"(max_len={config.max_len} + {self.n_s - config.max_len} [SEP])"
+                )
+        else:
+            sched = pyramid_schedule(self.n_s, self.n_ns, config.n_layers, config.pyramid_granularity, config.pyramid)
+        self.layer_queries = sched  # S queries per layer at L_S = self.n_s
+
+        self.tokenizer = Tokenizer(config, schema, vocab_sizes)
+        self.blocks = nn.ModuleList(
+            OneTransBlock(config, self.n_ns, layer_idx=i, has_s_queries=q > 0) for i, q in enumerate(sched)
+        )
+        self.norm_f = RMSNorm(config.d_model)
+        # one tower per task over the flattened NS-token states: the tokens are not interchangeable
+        # (each has its own weights), so flattening keeps which token said what; pooling would not
+        self.towers = nn.ModuleList(
+            mlp(self.n_ns * config.d_model, config.head_hidden, 1) for _ in schema.tasks
+        )
+        self.check_inputs = True  # value checks of every batch (they synchronize a GPU; switch off there)
+
+    # -- schedule ---------------------------------------------------------------------------------
+    def schedule(self, n_s: int | None = None) -> list[int]:
+        """S queries per layer for a batch with ``n_s`` S-tokens ([SEP]s included; default L_S)."""
+        n_s = self.n_s if n_s is None else n_s
+        if n_s > self.n_s:
+            raise ValueError(
+                f"batch has {n_s} S-tokens but the model is sized for L_S={self.n_s} "
+                f"(ModelConfig.max_len={self.config.max_len}); raise max_len or pad the batch to fewer events"
+            )
+        out, prev = [], n_s
+        for q in self.layer_queries:
+            prev = min(q, prev)
+            out.append(prev)
+        return out
+
+    # -- forward ----------------------------------------------------------------------------------
+    def forward(self, batch, targets: torch.Tensor | None = None):
+        h_ns = self.encode(batch)  # (B, L_NS, d)
+        logits = self.head(h_ns)  # (B, n_tasks)
+        if targets is None:
+            return logits, None
+        if targets.shape != logits.shape:
+            raise ValueError(f"targets must have shape (B, n_tasks)={tuple(logits.shape)}, got {tuple(targets.shape)}")
+        # mean over candidates and tasks = mean over tasks of each task's mean BCE (same B for each)
+        return logits, F.binary_cross_entropy_with_logits(logits, targets.to(logits.dtype))
+
+    def encode(self, batch) -> torch.Tensor:
+        """Final (normalized) NS-token states (B, L_NS, d) of the full forward."""
+        self.check_batch(batch)
+        x_s, s_real, x_ns = self.tokenizer(batch)  # (R, L_S, d), (R, L_S), (B, L_NS, d)
+        ri = batch.request_index
+        h_ns, _ = self.run_blocks(x_s[ri], s_real[ri], x_ns)  # every candidate with its request's S-tokens
+        return h_ns
+
+    def run_blocks(self, x_s: torch.Tensor, s_real: torch.Tensor, x_ns: torch.Tensor, return_states: bool = False):
+        """The block stack on tokens: x_s (N, L_S, d), s_real (N, L_S) bool, x_ns (N, L_NS, d).
+
+        Returns ``(norm_f(x_ns) (N, L_NS, d), states)``; with ``return_states``, ``states[l]`` is a dict of
+        layer l's outputs: ``x_s`` (N, q_l, d) (the LAST q_l S positions of the input; None at the top),
+        ``s_real`` (N, q_l) and ``x_ns`` (N, L_NS, d).
+        """
+        states = []
+        for block, n_q in zip(self.blocks, self.schedule(x_s.shape[1])):
+            x_s_next, x_ns = block(x_s, x_ns, s_real, n_q)
+            s_real = s_real[:, s_real.shape[1] - n_q:]  # (N, n_q) padding flags of the kept tail
+            x_s = x_s_next if x_s_next is not None else x_s[:, x_s.shape[1]:]  # (N, n_q, d)
+            if return_states:
+                states.append({"x_s": x_s_next, "s_real": s_real, "x_ns": x_ns})
+        return self.norm_f(x_ns), states
+
+    def head(self, h_ns: torch.Tensor) -> torch.Tensor:
+        """Task towers: (B, L_NS, d) -> logits (B, n_tasks)."""
+        flat = rearrange(h_ns, "b n d -> b (n d)")  # (B, L_NS * d)
+        return torch.cat([tower(flat) for tower in self.towers], dim=-1)  # (B, n_tasks)
+
+    # -- input checks -----------------------------------------------------------------------------
+    def check_batch(self, batch) -> None:
+        """Clear errors for a batch that does not match the schema. Shapes always; id ranges too when
+        ``self.check_inputs`` (a few reductions; they synchronize a GPU)."""
+        sch, tok = self.schema, self.tokenizer
+        if batch.seq_mask.dim() != 2:
+            raise ValueError(f"batch.seq_mask must be (R, L_S), got shape {tuple(batch.seq_mask.shape)}")
+        r, length = batch.seq_mask.shape
+        if length < 1:
+            raise ValueError("batch has L_S = 0 history positions; pad histories to at least 1 (left padding)")
+        if length > self.config.max_len:
+            raise ValueError(f"batch is padded to L_S={length} events but ModelConfig.max_len={self.config.max_len}")
+        if batch.seq_mask.dtype != torch.bool:
+            raise ValueError(f"batch.seq_mask must be bool, got {batch.seq_mask.dtype}")
+        if tuple(batch.seq_type.shape) != (r, length):
+            raise ValueError(f"batch.seq_type must be (R, L_S)={(r, length)}, got {tuple(batch.seq_type.shape)}")
+        for f in sch.event_fields:
+            if f.name not in batch.seq:
+                raise ValueError(f"batch.seq lacks event field {f.name!r}; expected {[g.name for g in sch.event_fields]}")
+            if tuple(batch.seq[f.name].shape) != (r, length):
+                raise ValueError(f"batch.seq[{f.name!r}] must be (R, L_S)={(r, length)}, got {tuple(batch.seq[f.name].shape)}")
+        ri = batch.request_index
+        if ri.dim() != 1:
+            raise ValueError(f"batch.request_index must be (B,), got shape {tuple(ri.shape)}")
+        b = ri.shape[0]
+        for f in sch.ns_features:
+            if f.name not in batch.ns:
+                raise ValueError(f"batch.ns lacks NS feature {f.name!r}; expected {[g.name for g in sch.ns_features]}")
+            want = (b, f.max_len) if isinstance(f, MultiCategorical) else (b,)
+            got = tuple(batch.ns[f.name].shape)
+            if got != want and not (isinstance(f, MultiCategorical) and len(got) == 2 and got[0] == b):
+                raise ValueError(f"batch.ns[{f.name!r}] must have shape {want}, got {got}")
+        if not self.check_inputs:
+            return
+        if b and (int(ri.min()) < 0 or int(ri.max()) >= r):
+            raise ValueError(f"batch.request_index must be in [0, R={r}), got range [{int(ri.min())}, {int(ri.max())}]")
+        n_seq = len(sch.sequences)
+        st, mask = batch.seq_type, batch.seq_mask
+        if bool(((st < 1) | (st > n_seq))[mask].any()):
+            raise ValueError(f"batch.seq_type must be in 1..{n_seq} (the schema's sequences) on real events")
+        if bool((st[~mask] != 0).any()):
+            raise ValueError("batch.seq_type must be 0 on padding (where seq_mask is False)")
+        for name, ids in [*((f.name, batch.seq[f.name]) for f in sch.event_fields),
+                          *((f.name, batch.ns[f.name]) for f in sch.ns_features)]:
+            n = tok.embeddings.size(name)
+            if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= n):
+                raise ValueError(
+                    f"feature {name!r}: ids must be in [0, {n}) (its vocabulary size), got range "
+                    f"[{int(ids.min())}, {int(ids.max())}]"
+                )
+
+    # -- accounting -------------------------------------------------------------------------------
+    def embedding_parameters(self):
+        """The sparse feature tables (the paper trains them with Adagrad)."""
+        return list(self.tokenizer.embeddings.parameters())
+
+    def dense_parameters(self):
+        """Everything else: tokenizer MLPs, type/[SEP] embeddings, blocks, towers (RMSProp in the paper)."""
+        emb = {id(p) for p in self.embedding_parameters()}
+        return [p for p in self.parameters() if id(p) not in emb]
+
+    def num_params(self) -> dict[str, int]:
+        """Parameter counts the way the paper reports them: dense separately from embeddings."""
+        dense = sum(p.numel() for p in self.dense_parameters())
+        emb = sum(p.numel() for p in self.embedding_parameters())
+        blocks = sum(p.numel() for p in self.blocks.parameters())
+        return {"dense": dense, "embedding": emb, "total": dense + emb, "blocks": blocks}
+
+    def estimate_flops(self, n_candidates: int = 1, n_requests: int | None = None, seq_len: int | None = None) -> dict[str, int]:
+        """Analytic FLOPs of one forward (2 per multiply-add; matmuls only, norms/softmax ignored).
+
+        ``n_requests`` defaults to ``n_candidates`` (one request per candidate); S-tokens are tokenized
+        per request, everything else runs per candidate (the full forward). Attention counts the whole
+        (queries x keys) rectangle that a dense masked kernel computes. Backward is about 2x forward.
+        """
+        cfg = self.config
+        n_req = n_candidates if n_requests is None else n_requests
+        d, f, n_ns = cfg.d_model, cfg.ffn_mult * cfg.d_model, self.n_ns
+        length = cfg.max_len if seq_len is None else seq_len
+        n_s = length + (self.n_s - cfg.max_len)
+
+        def lin(m: nn.Linear) -> int:
+            return 2 * m.in_features * m.out_features
+
+        def seq_mlp(s: nn.Sequential) -> int:
+            return lin(s[0]) + lin(s[2])
+
+        tok_s = n_req * length * seq_mlp(self.tokenizer.seq.mlps[0])  # each event goes through ONE MLP_i
+        ns_tok = self.tokenizer.ns
+        tok_ns = sum(seq_mlp(m) for m in ns_tok.mlps) if hasattr(ns_tok, "mlps") else seq_mlp(ns_tok.mlp)
+        proj = attn = ffn = 0
+        ls = n_s
+        for n_q in self.schedule(n_s):
+            n_tok = n_q + n_ns  # tokens that issue queries
+            proj += 2 * ls * d * 2 * d  # K, V of every S-token
+            proj += 2 * n_q * d * d * 2 + 2 * n_ns * d * d * 4  # Q and W_O of the queries; Q, K, V, O of NS
+            attn += 2 * 2 * n_tok * (ls + n_ns) * d  # q k^T and p v over all heads
+            ffn += 2 * n_tok * 2 * d * f
+            ls = n_q
+        heads = self.n_tasks * seq_mlp(self.towers[0])
+        out = {
+            "tokenizer": tok_s + n_candidates * tok_ns,
+            "projections": n_candidates * proj,
+            "attention": n_candidates * attn,
+            "ffn": n_candidates * ffn,
+            "heads": n_candidates * heads,
+        }
+        out["total"] = sum(out.values())
+        return out
