@@ -1,6 +1,9 @@
 """``onetrans-mini`` (also ``python -m onetrans_mini``): one sub-command per job.
 
     onetrans-mini data NAME        prepare a dataset and print its summary and floors
+    onetrans-mini train [...]      train a model (default: OneTrans small on ML-100K), print test results
+    onetrans-mini evaluate RUN     re-score a saved run on its test split
+    onetrans-mini replay [...]     replay a test period as a request stream: no cache / request cache / user cache
 """
 
 from __future__ import annotations
@@ -59,14 +62,32 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=0, help="seed of the synthetic world")
     d.add_argument("--json", action="store_true", help="print the summary as JSON")
     d.set_defaults(func=cmd_data)
+
+    from .train import add_evaluate_arguments, add_train_arguments, cli_evaluate, cli_train
+
+    t = sub.add_parser("train", help="train a model and print its test metrics next to the floors "
+                       "(torchrun --nproc_per_node=N -m onetrans_mini train ... for data parallel)")
+    add_train_arguments(t)
+    t.set_defaults(func=cli_train)
+    e = sub.add_parser("evaluate", help="re-score a saved run on its test split")
+    add_evaluate_arguments(e)
+    e.set_defaults(func=cli_evaluate)
+    from .serving import add_replay_arguments, cli_replay
+
+    rp = sub.add_parser("replay", help="replay a dataset's test period as a time-ordered request stream and compare "
+                        "scoring without cache, with the request cache and with the user cache (latency, hit rate, exactness)")
+    add_replay_arguments(rp)
+    rp.set_defaults(func=cli_replay)
     return p
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    from .train import TrainError
+
     try:
         return args.func(args)
-    except DataError as e:  # bad input: one clear line, no traceback
+    except (DataError, TrainError) as e:  # bad input: one clear line, no traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -1,0 +1,398 @@
+"""KV caches against their slow twins: the request cache (Stage I / Stage II) against the full forward of
+every candidate, the training path's gradients against per-candidate ones, the cross-request user cache
+against recompute from scratch over appends, truncations and evictions; store bound; bad inputs."""
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from helpers_model import single_thread  # noqa: F401  (autouse fixture)
+from helpers_model import all_switch_combos, make_batch, make_model, tiny_config
+from onetrans_mini.cache import (
+    EventLog,
+    Events,
+    OutOfOrderError,
+    RequestCache,
+    UnknownUserError,
+    UserCache,
+    UserCacheStore,
+    Window,
+    forward_per_candidate,
+    forward_two_stage,
+    fresh_stage_one,
+    score,
+    stage_one,
+    stage_two,
+)
+from onetrans_mini.serving import Request, Server, replay, window_batch
+
+TOL = 1e-5
+
+
+def max_diff(a, b) -> float:
+    return float((a - b).abs().max())
+
+
+# ----------------------------------------------------------------------------------------------
+# request cache: Stage I once per request, Stage II per candidate
+
+
+@pytest.mark.parametrize("pyramid", [True, False])
+@pytest.mark.parametrize("n_cand", [1, 7, 64])
+@pytest.mark.parametrize("impl", ["split", "sdpa"])
+def test_two_stage_equals_full_forward_per_candidate(pyramid, n_cand, impl):
+    """Requests of different history lengths (padding, one empty) and candidate counts in one batch."""
+    model = make_model(tiny_config(pyramid=pyramid, n_layers=4))
+    batch = make_batch(3, (n_cand, 3, 1), lengths=[16, 7, 0], seed=n_cand)
+    with torch.no_grad():
+        fast, _ = forward_two_stage(model, batch, impl=impl)
+        slow = forward_per_candidate(model, batch)
+    assert fast.shape == (batch.n_candidates, 2)
+    assert max_diff(fast, slow) <= TOL
+
+
+def test_two_stage_with_interleaved_candidates():
+    """Candidates need not be grouped by request: packing finds each one's slot."""
+    model = make_model()
+    batch = make_batch(3, (4, 2, 5), lengths=[16, 3, 9], seed=3)
+    perm = torch.randperm(batch.n_candidates, generator=torch.Generator().manual_seed(0))
+    shuffled = batch.select_candidates(perm)
+    with torch.no_grad():
+        assert max_diff(forward_two_stage(model, shuffled)[0], forward_per_candidate(model, shuffled)) <= TOL
+
+
+@pytest.mark.parametrize("combo", [c for c in all_switch_combos() if c["causal"]], ids=str)
+def test_two_stage_in_every_causal_switch_combination(combo):
+    model = make_model(tiny_config(**combo))
+    batch = make_batch(3, (3, 1, 2), lengths=[16, 5, 1], seed=5)
+    with torch.no_grad():
+        assert max_diff(forward_two_stage(model, batch)[0], forward_per_candidate(model, batch)) <= TOL
+
+
+def test_full_attention_ablation_rules_out_the_cache():
+    model = make_model(tiny_config(causal=False))
+    with pytest.raises(ValueError, match="causal attention"):
+        forward_two_stage(model, make_batch())
+    with pytest.raises(ValueError, match="causal attention"):
+        UserCacheStore(model, 1 << 20)
+
+
+def test_stage_two_holds_no_per_candidate_copy_of_the_history():
+    """No tensor Stage II creates is as large as a per-candidate copy of one layer's S keys (B * Ls * d):
+    memory per request grows as L_S + C * L_NS, not C * (L_S + L_NS)."""
+    model = make_model(tiny_config(d_model=32, n_heads=4, max_len=32))  # H * L_NS = 16 < d = 32
+    batch = make_batch(2, (40, 24), seq_len=32, lengths=[32, 20], seed=1)
+    b, ls, d = batch.n_candidates, 32, 32
+
+    class Biggest(TorchDispatchMode):
+        numel = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else [out]:
+                if isinstance(t, torch.Tensor):
+                    Biggest.numel = max(Biggest.numel, t.numel())
+            return out
+
+    with torch.no_grad():
+        x_s, s_real, x_ns = model.tokenizer(batch)
+        cache = stage_one(model, x_s, s_real)
+        assert cache.layers[0].k.shape[0] == batch.n_requests  # one copy per REQUEST
+        with Biggest():
+            stage_two(model, cache, x_ns, batch.request_index)
+    assert 0 < Biggest.numel < b * ls * d
+
+
+def test_training_path_gradients_equal_per_candidate_gradients():
+    model = make_model(tiny_config(n_layers=4))
+    model.train()  # dropout is 0 in the preset: train mode changes nothing but must be allowed
+    batch = make_batch(3, (5, 1, 3), lengths=[16, 6, 0], seed=11)
+    targets = batch.labels
+    _, loss = forward_two_stage(model, batch, targets)
+    loss.backward()
+    fast = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    _, ref = model(batch.expand_per_candidate(), targets)
+    ref.backward()
+    assert abs(float(loss.detach()) - float(ref.detach())) <= TOL
+    n_checked = 0
+    for name, p in model.named_parameters():
+        if p.grad is None:
+            assert name not in fast
+            continue
+        torch.testing.assert_close(fast[name], p.grad, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
+        n_checked += 1
+    assert n_checked == len(fast) > 20
+
+
+def test_empty_candidate_lists():
+    model = make_model()
+    batch = make_batch(2, (0, 0), lengths=[5, 3])
+    with pytest.raises(ValueError, match="no candidates"):
+        forward_two_stage(model, batch)
+    x_s, s_real, _ = model.tokenizer(batch)
+    out = score(model, stage_one(model, x_s, s_real), batch.ns, batch.request_index)
+    assert out.shape == (0, 2)
+    # a request with no candidates next to requests with some
+    batch = make_batch(3, (2, 0, 3), lengths=[5, 3, 16], seed=2)
+    with torch.no_grad():
+        assert max_diff(forward_two_stage(model, batch)[0], forward_per_candidate(model, batch)) <= TOL
+
+
+def test_request_caches_stack_with_padding():
+    """Users of different history lengths (one empty) scored together in one Stage II call."""
+    model = make_model(tiny_config(n_layers=4))
+    batch = make_batch(3, (2, 3, 1), lengths=[16, 5, 0], seed=4)
+    wins = [_window_of(batch, r) for r in range(3)]
+    with torch.no_grad():
+        ucs = []
+        for w in wins:
+            uc = UserCache()
+            uc.advance(model, w)
+            ucs.append(uc.request_cache())
+        out = score(model, RequestCache.stack(ucs), batch.ns, batch.request_index)
+        assert max_diff(out, forward_per_candidate(model, batch)) <= TOL
+
+
+# ----------------------------------------------------------------------------------------------
+# cross-request user cache
+
+
+def _window_of(batch, r: int) -> Window:
+    m = batch.seq_mask[r]
+    ev = Events({k: v[r][m] for k, v in batch.seq.items()}, batch.seq_type[r][m],
+                torch.arange(int(m.sum()), dtype=torch.float64))
+    return Window(ev, 0)
+
+
+class Stream:
+    """Random append-only event streams for a few users (ids in the helper schema's vocabularies)."""
+
+    def __init__(self, seed=0):
+        self.g = torch.Generator().manual_seed(seed)
+        self.t = 0.0
+
+    def events(self, n: int) -> Events:
+        g = self.g
+        f = {"hist_item": torch.randint(2, 23, (n,), generator=g), "hist_genre": torch.randint(2, 7, (n,), generator=g),
+             "hist_gap": torch.randint(1, 6, (n,), generator=g)}
+        ev = Events(f, torch.randint(1, 3, (n,), generator=g), self.t + torch.arange(n, dtype=torch.float64))
+        self.t += n
+        return ev
+
+
+def _reference(model, window: Window, ns: dict) -> torch.Tensor:
+    """Recompute from scratch: the full forward of every candidate over the window."""
+    return forward_per_candidate(model, window_batch(window, ns, model.n_tasks))
+
+
+@pytest.mark.parametrize("pyramid,n_layers,drop_block", [(True, 4, 4), (False, 4, 4), (True, 3, 1), (True, 5, 3)])
+def test_user_cache_equals_recompute_over_appends_truncations_and_evictions(pyramid, n_layers, drop_block):
+    model = make_model(tiny_config(pyramid=pyramid, n_layers=n_layers))
+    log = EventLog(model.config.max_len, drop_block)
+    probe = UserCache()
+    probe.advance(model, Window(Stream(9).events(16), 0))
+    store = UserCacheStore(model, max_bytes=int(2.5 * probe.nbytes))  # room for two full users of three
+    stream = Stream()
+    ns = make_batch(1, (6,), seed=3).ns
+    g = torch.Generator().manual_seed(1)
+    sizes = [3, 0, 5, 1, 8, 2, 0, 4, 6, 1, 7, 3, 2, 5, 9, 1]
+    for step, n in enumerate(sizes * 2):
+        user = int(torch.randint(0, 3, (1,), generator=g))
+        window = log.append(user, stream.events(n))
+        with torch.no_grad():
+            rc = store.request_cache(user, window)
+            got = score(model, rc, ns, torch.zeros(6, dtype=torch.long))
+            want = _reference(model, window, ns)
+            assert max_diff(got, want) <= TOL, f"step {step}"
+            # the cached keys/values themselves equal a fresh Stage I's, layer by layer
+            ref = fresh_stage_one(model, window)
+            for a, b in zip(rc.layers, ref.layers):
+                ka, kb = a.k[:, :, a.s_real[0]], b.k[:, :, b.s_real[0]]
+                assert ka.shape == kb.shape and max_diff(ka, kb) <= TOL if ka.numel() else True
+        assert store.nbytes <= store.max_bytes
+        assert sum(uc.nbytes for uc in store._users.values()) == store.nbytes
+    st = store.stats
+    assert st.hits > 0 and st.evictions > 0 and st.truncations > 0 and log.truncations > 0
+    assert st.positions_reused > 0
+    if pyramid and n_layers >= 4:
+        assert st.pyramid_recomputes > 0  # layers >= 2 whose key window moved were recomputed
+    if n_layers == 3:
+        assert st.pyramid_recomputes == 0  # only the top layer's window moves, and it has no S queries
+
+
+def test_append_computes_only_the_new_events_where_reuse_is_exact():
+    """Without truncation, a 3-layer pyramid (and any model without pyramid) computes only the new
+    positions; a 4-layer pyramid recomputes layer 2's tail, whose key window moved."""
+    for pyramid, n_layers, moved in ((True, 3, False), (False, 4, False), (True, 4, True)):
+        model = make_model(tiny_config(pyramid=pyramid, n_layers=n_layers))
+        s = Stream()
+        ev = s.events(14)
+        uc = UserCache()
+        uc.advance(model, Window(ev.slice(0, 10), 0))
+        info = uc.advance(model, Window(ev, 0))
+        assert not info["fresh"] and not info["window_moved"][0] and not info["window_moved"][1]
+        if not moved:
+            assert all(c <= 4 for c in info["computed"]), info
+        else:
+            assert info["window_moved"][2] and info["computed"][2] == model.layer_queries[2], info
+
+
+def test_user_cache_fused_attention_path_and_thread_count(monkeypatch):
+    """The fused-attention branch of the incremental S path (many queries) and the few-rows-one-thread rule
+    (which must restore the caller's thread count) give the same states."""
+    import onetrans_mini.cache as cache_mod
+
+    model = make_model(tiny_config(n_layers=4))
+    s = Stream()
+    ev = s.events(16)
+    ns = make_batch(1, (3,), seed=1).ns
+    ri = torch.zeros(3, dtype=torch.long)
+    monkeypatch.setattr(cache_mod, "SDPA_MIN_QUERIES", 0)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        uc = UserCache()
+        uc.advance(model, Window(ev.slice(0, 12), 0))
+        uc.advance(model, Window(ev, 0))
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    with torch.no_grad():
+        assert max_diff(score(model, uc.request_cache(), ns, ri), _reference(model, Window(ev, 0), ns)) <= TOL
+
+
+def test_approximate_mode_reuses_everything_and_drifts_only_where_exactness_needs_recompute():
+    model = make_model(tiny_config(pyramid=True, n_layers=4))
+    ns = make_batch(1, (4,), seed=2).ns
+    ri = torch.zeros(4, dtype=torch.long)
+    log = EventLog(16, drop_block=4)
+    exact, approx = UserCacheStore(model, 1 << 20), UserCacheStore(model, 1 << 20, mode="approx")
+    s = Stream()
+    drift_before, drift_after = 0.0, 0.0
+    for n in (3, 2, 4, 5, 6, 2):
+        w = log.append(0, s.events(n))
+        with torch.no_grad():
+            a = score(model, exact.request_cache(0, w), ns, ri)
+            b = score(model, approx.request_cache(0, w), ns, ri)
+        if w.end <= model.layer_queries[1]:  # no window has moved yet: both are exact
+            drift_before = max(drift_before, max_diff(a, b))
+        else:
+            drift_after = max(drift_after, max_diff(a, b))
+    assert drift_before <= TOL and drift_after > 1e-4
+    assert approx.stats.positions_computed < exact.stats.positions_computed
+
+
+def test_timestamp_agnostic_merge_falls_back_to_recompute_and_says_so():
+    model = make_model(tiny_config(seq_merge="timestamp_agnostic"))
+    with pytest.warns(UserWarning, match="never reusable"):
+        store = UserCacheStore(model, 1 << 20)
+    log, s = EventLog(16, 4), Stream()
+    ns = make_batch(1, (3,), seed=1).ns
+    for n in (4, 3, 12):
+        w = log.append(7, s.events(n))
+        with torch.no_grad():
+            got = score(model, store.request_cache(7, w), ns, torch.zeros(3, dtype=torch.long))
+            assert max_diff(got, _reference(model, w, ns)) <= TOL
+    assert store.stats.fallbacks == 3 and store.stats.hits == 0 and len(store) == 0
+    with pytest.raises(ValueError, match="timestamp_aware"):
+        UserCache().advance(model, w)
+
+
+def test_store_bound_and_lru_order():
+    model = make_model()
+    s = Stream()
+    uc = UserCache()
+    uc.advance(model, Window(s.events(8), 0))
+    store = UserCacheStore(model, max_bytes=2 * uc.nbytes)
+    log = EventLog(16)
+    for user in (0, 1, 0, 2):  # 0 is used again, so 1 is the least recently used when 2 arrives
+        store.request_cache(user, log.append(user, s.events(8 if user not in log else 0)))
+        assert store.nbytes <= store.max_bytes
+    assert 0 in store and 2 in store and 1 not in store and store.stats.evictions == 1
+    tiny = UserCacheStore(model, max_bytes=10)  # a state larger than the whole store is returned, not kept
+    tiny.request_cache(5, log.append(5, s.events(4)))
+    assert len(tiny) == 0 and tiny.stats.not_stored == 1 and tiny.nbytes == 0
+
+
+# ----------------------------------------------------------------------------------------------
+# bad inputs
+
+
+def test_unknown_user_without_history_is_an_error_and_cold_start_is_explicit():
+    model = make_model()
+    log = EventLog(16)
+    with pytest.raises(UnknownUserError, match="has no history"):
+        log.window(42)
+    fields = model.tokenizer.seq.fields
+    w = log.append(42, Events.empty(fields))  # explicit cold start: an empty history
+    ns = make_batch(1, (2,), seed=1).ns
+    store = UserCacheStore(model, 1 << 20)
+    with torch.no_grad():
+        got = score(model, store.request_cache(42, w), ns, torch.zeros(2, dtype=torch.long))
+        assert max_diff(got, _reference(model, w, ns)) <= TOL
+
+
+def test_out_of_order_events_are_rejected():
+    model = make_model()
+    s = Stream()
+    log = EventLog(16)
+    log.append(1, s.events(5))
+    late = s.events(2)
+    late.time -= 100.0  # older than what was appended
+    with pytest.raises(OutOfOrderError, match="older than the last appended"):
+        log.append(1, late)
+    with pytest.raises(OutOfOrderError, match="non-decreasing"):
+        Events(late.fields, late.seq_type, torch.tensor([2.0, 1.0], dtype=torch.float64))
+    # the cache itself checks the window extends what it holds
+    uc = UserCache()
+    ev = s.events(6)
+    uc.advance(model, Window(ev.slice(0, 4), 0))
+    with pytest.raises(OutOfOrderError, match="non-decreasing"):
+        Events.cat([ev.slice(0, 4), late])  # a window cannot even hold them
+    with pytest.raises(ValueError, match="not the cached history"):
+        uc.advance(model, Window(Stream(5).events(6), 0))
+    with pytest.raises(ValueError, match="does not extend"):
+        uc.advance(model, Window(ev.slice(0, 2), 0))
+
+
+def test_server_modes_agree_and_empty_requests():
+    model = make_model(tiny_config(n_layers=4))
+    s = Stream()
+    servers = {m: Server(model, m, drop_block=4, cache_bytes=1 << 20) for m in ("none", "request", "both")}
+    ns = make_batch(1, (3,), seed=1).ns
+    for i, n in enumerate((5, 4, 0, 9, 3)):
+        ev = s.events(n)
+        req = Request(user=i % 2, request_id=i, time=float(i), new_events=ev, ns=ns, n_candidates=3)
+        outs = {m: srv.score(req) for m, srv in servers.items()}
+        assert max_diff(outs["request"], outs["none"]) <= TOL and max_diff(outs["both"], outs["none"]) <= TOL
+    empty = Request(user=0, request_id=9, time=9.0, new_events=s.events(2), ns={k: v[:0] for k, v in ns.items()},
+                    n_candidates=0)
+    assert servers["both"].score(empty).shape == (0, 2)
+    assert len(servers["both"].log.window(0).events) == min(16, 5 + 0 + 3 + 2)  # its events were kept
+    with pytest.raises(ValueError, match="mode must be"):
+        Server(model, "bogus")
+
+
+def test_replay_on_synthetic_data_is_exact(tiny_data):
+    from onetrans_mini.model import OneTrans
+
+    torch.manual_seed(0)
+    model = OneTrans(tiny_config(max_len=tiny_data.config.max_len, n_layers=4, pyramid_granularity=8),
+                     tiny_data.schema, tiny_data.vocab_sizes()).eval()
+    res = replay(model, tiny_data, ("none", "request", "both", "approx"), max_requests=40, drop_block=8, warmup=1)
+    for mode in ("request", "both"):
+        assert res[mode]["max_abs_diff"] <= TOL
+    assert res["both"]["cache"]["hits"] > 0 and res["both"]["requests"] == 40
+    assert res["none"]["p50_ms"] > 0
+
+
+def test_cli_replay_on_synthetic(tiny_data, capsys):
+    from onetrans_mini.cli import main
+
+    rc = main(["replay", "--dataset", "synthetic-tiny", "--preset", "nano", "--max-requests", "12", "--modes",
+               "none,both"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "max |diff|" in out and "both" in out
+    assert main(["replay", "--dataset", "synthetic-tiny", "--modes", "none,bogus"]) == 2
+    assert "--modes" in capsys.readouterr().err
