@@ -87,6 +87,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
@@ -284,6 +285,30 @@ def forward_two_stage(model, batch, targets: torch.Tensor | None = None, impl: s
     if targets.shape != logits.shape:
         raise ValueError(f"targets must have shape (B, n_tasks)={tuple(logits.shape)}, got {tuple(targets.shape)}")
     return logits, F.binary_cross_entropy_with_logits(logits, targets.to(logits.dtype))
+
+
+class RequestLevel(nn.Module):
+    """``model`` with its forward replaced by ``forward_two_stage``: the S side once per request.
+
+    The same parameters (``wrapper.model``); a module of its own so that DistributedDataParallel and
+    ``torch.compile`` can wrap it like any model (DDP only syncs gradients of a forward that runs
+    through its own ``forward``). The trainer uses it for every causal OneTrans.
+    """
+
+    def __init__(self, model):
+        super().__init__()
+        require_cacheable(model)
+        self.model = model
+
+    def forward(self, batch, targets: torch.Tensor | None = None):
+        return forward_two_stage(self.model, batch, targets)
+
+
+def supports_request_level(model) -> bool:
+    """True for models that ``RequestLevel`` can wrap: a causal OneTrans."""
+    from .model import OneTrans
+
+    return isinstance(model, OneTrans) and model.config.causal
 
 
 def forward_per_candidate(model, batch) -> torch.Tensor:

@@ -451,12 +451,13 @@ def predict(model: nn.Module, data: RequestData, split: str = "test", batch_requ
     positions = np.array_split(np.arange(n_req), info.world_size)[info.rank].tolist()
     was_training = model.training
     model.eval()
+    scorer = request_level(model)
     probs, labels, users = [], [], []
     try:
         for batch in data.loader(split, batch_requests, max_len=max_len, sampler=positions):
             batch = batch.to(device, non_blocking=True)
             with _autocast(device, bf16):
-                logits, _ = model(batch)
+                logits, _ = scorer(batch)
             probs.append(torch.sigmoid(logits.float()).cpu().numpy())
             labels.append(batch.labels.cpu().numpy())
             users.append(batch.user.cpu().numpy())
@@ -475,6 +476,16 @@ def predict(model: nn.Module, data: RequestData, split: str = "test", batch_requ
         dist.all_gather_object(parts, out)
         out = {k: np.concatenate([p[k] for p in parts]) for k in out}
     return out
+
+
+def request_level(model: nn.Module) -> nn.Module:
+    """The module to call in training and scoring: for a causal OneTrans, ``cache.RequestLevel`` (the
+    S side once per request, back-propagated once; tested equal to the full forward per candidate),
+    so a request of C candidates costs one history encoding, not C. Other models as they are (the
+    baselines share their sequence side per request themselves)."""
+    from .cache import RequestLevel, supports_request_level
+
+    return RequestLevel(model) if supports_request_level(model) else model
 
 
 def evaluate(model: nn.Module, data: RequestData, split: str = "test", batch_requests: int = 64,
@@ -557,7 +568,7 @@ def train(model: nn.Module, data: RequestData, cfg: TrainConfig | None = None, r
     opts = make_optimizers(model, cfg, lr)
     opts.set_schedule(lr_multiplier(cfg, total_steps))
 
-    fwd: nn.Module = model
+    fwd: nn.Module = request_level(model)  # the S side once per request (equal to the full forward)
     if info.enabled:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -752,7 +763,7 @@ def cli_train(args) -> int:
 
 
 def _cli_train(args, info: DistInfo, t_start: float) -> int:
-    from .checkpoint import format_results, load_run, read_config, results_of, write_config, write_results
+    from .checkpoint import data_of, format_results, load_run, read_config, results_of, write_config, write_results
 
     progress = not args.no_progress
     if args.resume:
@@ -762,7 +773,7 @@ def _cli_train(args, info: DistInfo, t_start: float) -> int:
         if args.device != "auto":
             cfg = cfg.replace(device=args.device)
         device = resolve_device(cfg.device)
-        data = load_data(conf["data"]["name"], DataConfig(**conf["data"]["config"]), conf["data"].get("seed", 0))
+        data = load_data(*data_of(conf, run_dir))
         run = load_run(run_dir, data=data, weights="last.safetensors")
         model, model_name, preset = run.model, run.model_name, conf.get("preset")
         resume = True

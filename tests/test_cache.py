@@ -396,3 +396,29 @@ def test_cli_replay_on_synthetic(tiny_data, capsys):
     assert rc == 0 and "max |diff|" in out and "both" in out
     assert main(["replay", "--dataset", "synthetic-tiny", "--modes", "none,bogus"]) == 2
     assert "--modes" in capsys.readouterr().err
+
+
+def test_request_level_wrapper_equals_two_stage_and_full_forward():
+    """The trainer's wrapper: same logits and loss as the full forward per candidate, same gradients."""
+    from onetrans_mini.cache import RequestLevel, supports_request_level
+    from onetrans_mini.config import get_preset
+    from onetrans_mini.data import load_synthetic
+    from onetrans_mini.model import OneTrans
+
+    d = load_synthetic("tiny")
+    torch.manual_seed(0)
+    model = OneTrans(get_preset("nano"), d.schema, d.vocab_sizes())
+    assert supports_request_level(model)
+    assert not supports_request_level(OneTrans(get_preset("nano", causal=False), d.schema, d.vocab_sizes()))
+    batch = d.collate(d.request_ids("train")[:6], max_len=16)
+    wrapped = RequestLevel(model)
+    assert list(wrapped.parameters()) == list(model.parameters())
+    logits, loss = wrapped(batch, batch.labels)
+    ref_logits, ref_loss = model(batch.expand_per_candidate(), batch.labels)
+    torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=0)
+    loss.backward()
+    g = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    ref_loss.backward()
+    for a, p in zip(g, model.parameters()):
+        torch.testing.assert_close(a, p.grad, atol=1e-5, rtol=1e-4)
