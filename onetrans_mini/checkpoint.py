@@ -1,0 +1,298 @@
+"""Run folders: checkpoints, exact resume, ``load_run``, and the results table.
+
+A run folder (written by ``train.train`` and the ``onetrans-mini train`` command)::
+
+    config.json        model name and config, data name/config/seed, train config, schema, vocab sizes
+    metrics.jsonl      one JSON line per epoch: train loss, validation metrics, lr, speed
+    model.safetensors  the BEST weights so far (validation AUC of the first task)
+    last.safetensors   the latest weights                                   } what --resume continues
+    train_state.pt     optimizer + schedule, every rank's RNG, early-stopping } from, exactly
+                       counters, history
+    results.json/.md   test metrics next to the floors, parameter counts, wall time, device (CLI)
+
+Weights are safetensors (no pickle: a run folder from elsewhere cannot run code when loaded); the
+training state is a ``torch.save`` file read back with ``weights_only=True`` for the same reason.
+Every file is written to a temporary name and renamed, so an interrupted run never leaves a
+half-written checkpoint.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import platform
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from .config import DataConfig, ModelConfig
+from .data import RequestData, load_dataset
+from .features import Schema
+from .train import (
+    DistInfo,
+    TrainConfig,
+    TrainError,
+    build_model,
+    count_params,
+    device_description,
+    dist_info,
+    model_device,
+    rng_state,
+    set_rng_state,
+)
+
+
+def json_default(x):
+    if isinstance(x, (np.floating, np.integer)):
+        return x.item()
+    raise TypeError(f"not JSON serializable: {type(x).__name__}")
+
+
+def atomic_write(path: Path, write) -> None:
+    """``write(tmp)`` then rename over ``path``: a crash never leaves a half-written file."""
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def save_weights(model: nn.Module, path: Path) -> None:
+    """Model weights as safetensors (tensors shared between modules are stored once)."""
+    from safetensors.torch import save_model
+
+    atomic_write(Path(path), lambda p: save_model(model, str(p), metadata={"format": "pt"}))
+
+
+def load_weights(model: nn.Module, path: Path) -> None:
+    """Load safetensors weights into ``model`` (on its device); a clear TrainError if missing or foreign."""
+    from safetensors.torch import load_model
+
+    path = Path(path)
+    if not path.is_file():
+        raise TrainError(f"{path.parent}: no {path.name} (expected the weights a training run writes)")
+    try:
+        missing, unexpected = load_model(model, str(path), strict=False, device=str(model_device(model)))
+    except Exception as e:  # a truncated or foreign file
+        raise TrainError(f"{path}: not a readable safetensors checkpoint ({type(e).__name__}: {e})") from e
+    if missing or unexpected:
+        raise TrainError(f"{path}: weights do not match the model of config.json (missing {sorted(missing)[:3]}, "
+                         f"unexpected {sorted(unexpected)[:3]})")
+
+
+def save_train_state(run_dir: Path, model, opts, hist: dict, epochs_done: int, bad_epochs: int, improved: bool,
+                     info: DistInfo) -> None:
+    """End of an epoch: last weights (+ best if ``improved``) and everything an exact resume needs.
+    Called on every rank (the RNG states are gathered); rank 0 writes."""
+    rng = rng_state()
+    if info.enabled:  # every rank's RNG (its dropout stream), so a resume is exact per rank
+        import torch.distributed as dist
+
+        rngs: list = [None] * info.world_size
+        dist.all_gather_object(rngs, rng)
+    else:
+        rngs = [rng]
+    if not info.is_main:
+        return
+    if improved:
+        save_weights(model, run_dir / "model.safetensors")
+    save_weights(model, run_dir / "last.safetensors")
+    state = {"epochs_done": epochs_done, "bad_epochs": bad_epochs, "optim": opts.state_dict(), "rng": rngs,
+             "history": json.loads(json.dumps(hist, default=json_default))}
+    atomic_write(run_dir / "train_state.pt", lambda p: torch.save(state, p))
+
+
+def load_train_state(run_dir: Path, model, opts, info: DistInfo):
+    """Restore a run's last epoch into ``model`` and ``opts`` and this rank's RNG; returns
+    ``(epochs_done, bad_epochs, best_state, history)``."""
+    try:
+        state = torch.load(run_dir / "train_state.pt", map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise TrainError(f"{run_dir / 'train_state.pt'}: unreadable ({type(e).__name__}: {e}); cannot resume") from e
+    load_weights(model, run_dir / "last.safetensors")
+    try:
+        opts.load_state_dict(state["optim"])
+        rngs = state["rng"]
+        if len(rngs) != info.world_size:
+            warnings.warn(f"resuming a {len(rngs)}-process run with {info.world_size} processes: "
+                          f"the continuation is not bit-exact")
+        set_rng_state(rngs[info.rank % len(rngs)])
+        hist = state["history"]
+        epochs_done, bad_epochs = int(state["epochs_done"]), int(state["bad_epochs"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise TrainError(f"{run_dir / 'train_state.pt'}: does not match this run ({type(e).__name__}: {e})") from e
+    best_state = None
+    if (run_dir / "model.safetensors").is_file():  # the best weights so far, to end on them
+        best = copy.deepcopy(model)
+        load_weights(best, run_dir / "model.safetensors")
+        best_state = best.state_dict()
+    hist["epochs"] = hist["epochs"][:epochs_done]
+    return epochs_done, bad_epochs, best_state, hist
+
+
+def write_metrics(run_dir: Path, records: list[dict]) -> None:
+    """metrics.jsonl holding exactly ``records`` (one JSON line per epoch)."""
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r, default=json_default) + "\n" for r in records))
+
+
+def append_metrics(run_dir: Path, record: dict) -> None:
+    with open(run_dir / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(record, default=json_default) + "\n")
+
+
+# ----------------------------------------------------------------------------------------------
+# run folders
+
+
+def write_config(run_dir, model_name: str, model: nn.Module, data: RequestData, data_name: str, data_seed: int,
+                 cfg: TrainConfig, **extra) -> dict:
+    """Write ``config.json``: everything ``load_run`` needs to rebuild the model and the data."""
+    run_dir = Path(run_dir)
+    mcfg = getattr(model, "config", None)
+    conf = {
+        "model": model_name,
+        "model_config": asdict(mcfg) if mcfg is not None else None,
+        "data": {"name": data_name, "config": asdict(data.config), "seed": data_seed},
+        "train_config": asdict(cfg),
+        "schema": data.schema.to_dict(),
+        "vocab_sizes": data.vocab_sizes(),
+        "versions": {"torch": torch.__version__, "python": platform.python_version()},
+        **extra,
+    }
+    if dist_info().is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write(run_dir / "config.json", lambda p: p.write_text(json.dumps(conf, indent=2, default=json_default)))
+    return conf
+
+
+@dataclass
+class Run:
+    """A saved run, rebuilt: its model (best weights, on the CPU), its data and its configs."""
+
+    path: Path
+    model: nn.Module
+    data: RequestData
+    model_name: str
+    train_config: TrainConfig
+    config: dict = field(repr=False)
+
+    def results(self) -> dict | None:
+        p = self.path / "results.json"
+        return json.loads(p.read_text()) if p.is_file() else None
+
+
+def read_config(run_dir) -> dict:
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise TrainError(f"run folder {run_dir} does not exist (expected a folder written by 'onetrans-mini train')")
+    path = run_dir / "config.json"
+    if not path.is_file():
+        raise TrainError(f"{run_dir}: no config.json (expected a folder written by 'onetrans-mini train')")
+    try:
+        conf = json.loads(path.read_text())
+        for key in ("model", "model_config", "data", "train_config", "schema", "vocab_sizes"):
+            conf[key]  # noqa: B018 - presence check
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise TrainError(f"{path}: corrupt run config ({type(e).__name__}: {e})") from e
+    return conf
+
+
+def data_of(conf: dict, run_dir) -> tuple[str, DataConfig, int]:
+    """(name, DataConfig, seed) of a run's dataset, from its config.json."""
+    try:
+        d = conf["data"]
+        return str(d["name"]), DataConfig(**d["config"]), int(d.get("seed", 0))
+    except (TypeError, ValueError, KeyError) as e:
+        raise TrainError(f"{Path(run_dir) / 'config.json'}: corrupt data entry ({type(e).__name__}: {e})") from e
+
+
+def load_run(run_dir, data: RequestData | None = None, weights: str = "model.safetensors") -> Run:
+    """Rebuild a saved run: its data (prepared again from its name and config, or ``data``), its model
+    with the saved ``weights`` (the best by default; ``last.safetensors`` for the latest)."""
+    run_dir = Path(run_dir)
+    conf = read_config(run_dir)
+    try:
+        mc = dict(conf["model_config"])
+        mc["pyramid_schedule"] = tuple(mc.get("pyramid_schedule", ()))
+        model_cfg = ModelConfig(**mc)
+        cfg = TrainConfig.from_dict(conf["train_config"])
+        schema = Schema.from_dict(conf["schema"])
+    except TrainError:
+        raise
+    except (TypeError, ValueError, KeyError) as e:
+        raise TrainError(f"{run_dir / 'config.json'}: corrupt run config ({type(e).__name__}: {e})") from e
+    if data is None:
+        name, data_conf, seed = data_of(conf, run_dir)
+        data = load_dataset(name, config=data_conf, seed=seed)
+    if data.schema.to_dict() != schema.to_dict() or data.vocab_sizes() != conf["vocab_sizes"]:
+        raise TrainError(f"{run_dir}: the dataset {conf['data']['name']!r} prepared now differs from the one the run "
+                         f"was trained on (schema or vocabulary sizes changed)")
+    model = build_model(conf["model"], model_cfg, schema, conf["vocab_sizes"])
+    load_weights(model, run_dir / weights)
+    model.eval()
+    return Run(run_dir, model, data, conf["model"], cfg, conf)
+
+
+# -- results ------------------------------------------------------------------------------------
+
+
+def results_of(model: nn.Module, data: RequestData, test: dict, model_name: str, device: torch.device,
+               wall_seconds: float, hist: dict | None = None, **extra) -> dict:
+    from .floors import floors
+
+    out = {
+        "dataset": data.info.get("name"),
+        "model": model_name,
+        "test": test,
+        "floors": floors(data),
+        "params": count_params(model),
+        "device": device_description(device),
+        "wall_seconds": wall_seconds,
+        **extra,
+    }
+    if hist is not None:
+        out["best_epoch"] = hist["best_epoch"]
+        out["epochs_run"] = len(hist["epochs"])
+        out["stopped_early"] = hist["stopped_early"]
+        out["train_seconds"] = hist["train_seconds"]
+    return out
+
+
+FLOOR_NAMES = {"user_item_mean": "user+item mean", "item_mean": "item mean", "oracle": "oracle (true p)"}
+
+
+def format_results(res: dict, markdown: bool = False) -> str:
+    """The results table: AUC / UAUC / GAUC / logloss per task, the model next to the floors (which are
+    always fitted on train + val and scored on the test split)."""
+    rows = []
+    floors = res.get("floors", {}) if res.get("split", "test") == "test" else {}  # floors are test-split numbers
+    for task, m in res["test"].items():
+        rows.append((task, res["model"], m))
+        for fname, fm in floors.get(task, {}).items():
+            rows.append((task, FLOOR_NAMES.get(fname, fname), fm))
+    p = res.get("params", {})
+    params = ", ".join(f"{k} {v:,}" for k, v in p.items() if k in ("dense", "embedding", "total")) or "?"
+    head = (f"{res.get('split', 'test')} split of {res.get('dataset')}: {res['model']}"
+            f"{' (preset ' + res['preset'] + ')' if res.get('preset') else ''}; parameters: {params}; "
+            f"device {res.get('device')}; wall time {res.get('wall_seconds', float('nan')):.1f} s")
+    if res.get("best_epoch"):
+        head += f"; best epoch {res['best_epoch']} of {res.get('epochs_run')}"
+    if markdown:
+        lines = [head, "", "| task | predictor | AUC | UAUC | GAUC | logloss |", "|---|---|---|---|---|---|"]
+        lines += [f"| {t} | {n} | {m['auc']:.4f} | {m['uauc']:.4f} | {m['gauc']:.4f} | {m['logloss']:.4f} |" for t, n, m in rows]
+        return "\n".join(lines) + "\n"
+    lines = [head, "", f"{'task':<10} {'predictor':<24} {'AUC':>7} {'UAUC':>7} {'GAUC':>7} {'logloss':>8}"]
+    prev = None
+    for t, n, m in rows:
+        lines.append(f"{t if t != prev else '':<10} {n:<24} {m['auc']:7.4f} {m['uauc']:7.4f} {m['gauc']:7.4f} {m['logloss']:8.4f}")
+        prev = t
+    return "\n".join(lines)
+
+
+def write_results(run_dir, res: dict) -> None:
+    run_dir = Path(run_dir)
+    atomic_write(run_dir / "results.json", lambda p: p.write_text(json.dumps(res, indent=2, default=json_default)))
+    atomic_write(run_dir / "results.md", lambda p: p.write_text(format_results(res, markdown=True)))
