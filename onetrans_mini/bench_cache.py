@@ -25,12 +25,11 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import statistics
 import sys
-import time
 
 import torch
 
+from .bench import interleaved  # the shared timing helper: functions in turn, median seconds of each
 from .bench_model import BENCH_SCHEMA, BENCH_VOCAB, random_batch
 from .cache import (
     Events,
@@ -43,20 +42,6 @@ from .cache import (
 )
 from .config import get_preset
 from .model import OneTrans
-
-
-def interleaved(fns: dict, reps: int, warmup: int = 2) -> dict:
-    """Median seconds of each function, the functions run in turn in every repetition."""
-    for _ in range(warmup):
-        for f in fns.values():
-            f()
-    times = {k: [] for k in fns}
-    for _ in range(reps):
-        for k, f in fns.items():
-            t0 = time.perf_counter()
-            f()
-            times[k].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def one_request(n_cand: int, seq_len: int, seed: int = 0):

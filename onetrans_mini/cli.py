@@ -4,6 +4,7 @@
     onetrans-mini train [...]      train a model (default: OneTrans small on ML-100K), print test results
     onetrans-mini evaluate RUN     re-score a saved run on its test split
     onetrans-mini replay [...]     replay a test period as a request stream: no cache / request cache / user cache
+    onetrans-mini bench [...]      systems benchmark: the paper's Table 4 on our model (--quick: CPU, < 2 min)
 """
 
 from __future__ import annotations
@@ -78,6 +79,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "scoring without cache, with the request cache and with the user cache (latency, hit rate, exactness)")
     add_replay_arguments(rp)
     rp.set_defaults(func=cli_replay)
+    from .bench import add_bench_arguments, cli_bench
+
+    bn = sub.add_parser("bench", help="systems benchmark (the paper's Table 4): each optimization alone on an unoptimized "
+                        "OneTrans, training and inference; two-stage and append costs; JSON + markdown (--quick: CPU, < 2 min)")
+    add_bench_arguments(bn)
+    bn.set_defaults(func=cli_bench)
     return p
 
 
