@@ -44,7 +44,8 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from .config import ModelConfig
-from .features import MultiCategorical, Schema
+from .data.batching import check_batch
+from .features import Schema
 from .layers import MixedFFN, RMSNorm
 from .tokenizer import FeatureEmbeddings, SequenceTokenizer, Tokenizer, mlp, n_ns_tokens
 
@@ -107,42 +108,7 @@ class _Baseline(nn.Module):
         """Clear errors for a batch that does not match the schema (shapes always; id ranges when
         ``self.check_inputs``). Unlike OneTrans there is no ``max_len`` limit: nothing here is sized
         by the history length."""
-        sch = self.schema
-        if batch.seq_mask.dim() != 2 or batch.seq_mask.dtype != torch.bool:
-            raise ValueError(f"batch.seq_mask must be (R, L_S) bool, got {tuple(batch.seq_mask.shape)} {batch.seq_mask.dtype}")
-        r, length = batch.seq_mask.shape
-        if length < 1:
-            raise ValueError("batch has L_S = 0 history positions; pad histories to at least 1 (left padding)")
-        if tuple(batch.seq_type.shape) != (r, length):
-            raise ValueError(f"batch.seq_type must be (R, L_S)={(r, length)}, got {tuple(batch.seq_type.shape)}")
-        for f in sch.event_fields:
-            if f.name not in batch.seq or tuple(batch.seq[f.name].shape) != (r, length):
-                got = tuple(batch.seq[f.name].shape) if f.name in batch.seq else "missing"
-                raise ValueError(f"batch.seq[{f.name!r}] must be (R, L_S)={(r, length)}, got {got}")
-        ri = batch.request_index
-        if ri.dim() != 1:
-            raise ValueError(f"batch.request_index must be (B,), got shape {tuple(ri.shape)}")
-        b = ri.shape[0]
-        for f in sch.ns_features:
-            if f.name not in batch.ns:
-                raise ValueError(f"batch.ns lacks NS feature {f.name!r}; expected {[g.name for g in sch.ns_features]}")
-            x = batch.ns[f.name]
-            ok = x.dim() == 2 and x.shape[0] == b if isinstance(f, MultiCategorical) else tuple(x.shape) == (b,)
-            if not ok:
-                raise ValueError(f"batch.ns[{f.name!r}] must have {b} rows ({'(B, max_len)' if isinstance(f, MultiCategorical) else '(B,)'}), got {tuple(x.shape)}")
-        if not self.check_inputs:
-            return
-        if b and (int(ri.min()) < 0 or int(ri.max()) >= r):
-            raise ValueError(f"batch.request_index must be in [0, R={r}), got range [{int(ri.min())}, {int(ri.max())}]")
-        st = batch.seq_type
-        if bool(((st < 1) | (st > len(sch.sequences)))[batch.seq_mask].any()) or bool((st[~batch.seq_mask] != 0).any()):
-            raise ValueError(f"batch.seq_type must be in 1..{len(sch.sequences)} on real events and 0 on padding")
-        for name, ids in [*((f.name, batch.seq[f.name]) for f in sch.event_fields),
-                          *((f.name, batch.ns[f.name]) for f in sch.ns_features)]:
-            n = self.embeddings.size(name)
-            if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= n):
-                raise ValueError(f"feature {name!r}: ids must be in [0, {n}) (its vocabulary size), "
-                                 f"got range [{int(ids.min())}, {int(ids.max())}]")
+        check_batch(batch, self.schema, self.embeddings.size, self.check_inputs)
 
     # -- sizing ----------------------------------------------------------------------------------
     @staticmethod

@@ -21,7 +21,8 @@ from einops import rearrange
 
 from .attention import MixedAttention
 from .config import ModelConfig
-from .features import MultiCategorical, Schema
+from .data.batching import check_batch
+from .features import Schema
 from .layers import MixedFFN, RMSNorm, residual_scale
 from .tokenizer import Tokenizer, mlp, n_ns_tokens, n_s_tokens
 
@@ -273,52 +274,7 @@ class OneTrans(nn.Module):
     def check_batch(self, batch) -> None:
         """Clear errors for a batch that does not match the schema. Shapes always; id ranges too when
         ``self.check_inputs`` (a few reductions; they synchronize a GPU)."""
-        sch, tok = self.schema, self.tokenizer
-        if batch.seq_mask.dim() != 2:
-            raise ValueError(f"batch.seq_mask must be (R, L_S), got shape {tuple(batch.seq_mask.shape)}")
-        r, length = batch.seq_mask.shape
-        if length < 1:
-            raise ValueError("batch has L_S = 0 history positions; pad histories to at least 1 (left padding)")
-        if length > self.config.max_len:
-            raise ValueError(f"batch is padded to L_S={length} events but ModelConfig.max_len={self.config.max_len}")
-        if batch.seq_mask.dtype != torch.bool:
-            raise ValueError(f"batch.seq_mask must be bool, got {batch.seq_mask.dtype}")
-        if tuple(batch.seq_type.shape) != (r, length):
-            raise ValueError(f"batch.seq_type must be (R, L_S)={(r, length)}, got {tuple(batch.seq_type.shape)}")
-        for f in sch.event_fields:
-            if f.name not in batch.seq:
-                raise ValueError(f"batch.seq lacks event field {f.name!r}; expected {[g.name for g in sch.event_fields]}")
-            if tuple(batch.seq[f.name].shape) != (r, length):
-                raise ValueError(f"batch.seq[{f.name!r}] must be (R, L_S)={(r, length)}, got {tuple(batch.seq[f.name].shape)}")
-        ri = batch.request_index
-        if ri.dim() != 1:
-            raise ValueError(f"batch.request_index must be (B,), got shape {tuple(ri.shape)}")
-        b = ri.shape[0]
-        for f in sch.ns_features:
-            if f.name not in batch.ns:
-                raise ValueError(f"batch.ns lacks NS feature {f.name!r}; expected {[g.name for g in sch.ns_features]}")
-            want = (b, f.max_len) if isinstance(f, MultiCategorical) else (b,)
-            got = tuple(batch.ns[f.name].shape)
-            if got != want and not (isinstance(f, MultiCategorical) and len(got) == 2 and got[0] == b):
-                raise ValueError(f"batch.ns[{f.name!r}] must have shape {want}, got {got}")
-        if not self.check_inputs:
-            return
-        if b and (int(ri.min()) < 0 or int(ri.max()) >= r):
-            raise ValueError(f"batch.request_index must be in [0, R={r}), got range [{int(ri.min())}, {int(ri.max())}]")
-        n_seq = len(sch.sequences)
-        st, mask = batch.seq_type, batch.seq_mask
-        if bool(((st < 1) | (st > n_seq))[mask].any()):
-            raise ValueError(f"batch.seq_type must be in 1..{n_seq} (the schema's sequences) on real events")
-        if bool((st[~mask] != 0).any()):
-            raise ValueError("batch.seq_type must be 0 on padding (where seq_mask is False)")
-        for name, ids in [*((f.name, batch.seq[f.name]) for f in sch.event_fields),
-                          *((f.name, batch.ns[f.name]) for f in sch.ns_features)]:
-            n = tok.embeddings.size(name)
-            if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= n):
-                raise ValueError(
-                    f"feature {name!r}: ids must be in [0, {n}) (its vocabulary size), got range "
-                    f"[{int(ids.min())}, {int(ids.max())}]"
-                )
+        check_batch(batch, self.schema, self.tokenizer.embeddings.size, self.check_inputs, self.config.max_len)
 
     # -- accounting -------------------------------------------------------------------------------
     def embedding_parameters(self):

@@ -9,6 +9,7 @@ events and never a padding token.
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from typing import Callable
 
 import numpy as np
 import torch
@@ -102,3 +103,58 @@ def concat_ranges(start: np.ndarray, end: np.ndarray) -> tuple[np.ndarray, np.nd
     first = np.repeat(np.cumsum(counts) - counts, counts)
     rows = np.repeat(start, counts) + (np.arange(counts.sum()) - first)
     return rows, owner
+
+
+def check_batch(batch: Batch, schema, vocab_size: Callable[[str], int], check_ids: bool = True,
+                max_len: int | None = None) -> None:
+    """Clear errors for a batch that does not match ``schema`` (every model calls this first).
+
+    Shapes always; with ``check_ids`` also the id ranges (``vocab_size(name)`` rows per feature), the
+    sequence types and ``request_index`` (a few reductions, which synchronize a GPU). ``max_len``: the
+    most history positions the model accepts (None: any).
+    """
+    from ..features import MultiCategorical
+
+    if batch.seq_mask.dim() != 2:
+        raise ValueError(f"batch.seq_mask must be (R, L_S), got shape {tuple(batch.seq_mask.shape)}")
+    r, length = batch.seq_mask.shape
+    if length < 1:
+        raise ValueError("batch has L_S = 0 history positions; pad histories to at least 1 (left padding)")
+    if max_len is not None and length > max_len:
+        raise ValueError(f"batch is padded to L_S={length} events but ModelConfig.max_len={max_len}")
+    if batch.seq_mask.dtype != torch.bool:
+        raise ValueError(f"batch.seq_mask must be bool, got {batch.seq_mask.dtype}")
+    if tuple(batch.seq_type.shape) != (r, length):
+        raise ValueError(f"batch.seq_type must be (R, L_S)={(r, length)}, got {tuple(batch.seq_type.shape)}")
+    for f in schema.event_fields:
+        if f.name not in batch.seq:
+            raise ValueError(f"batch.seq lacks event field {f.name!r}; expected {[g.name for g in schema.event_fields]}")
+        if tuple(batch.seq[f.name].shape) != (r, length):
+            raise ValueError(f"batch.seq[{f.name!r}] must be (R, L_S)={(r, length)}, got {tuple(batch.seq[f.name].shape)}")
+    ri = batch.request_index
+    if ri.dim() != 1:
+        raise ValueError(f"batch.request_index must be (B,), got shape {tuple(ri.shape)}")
+    b = ri.shape[0]
+    for f in schema.ns_features:
+        if f.name not in batch.ns:
+            raise ValueError(f"batch.ns lacks NS feature {f.name!r}; expected {[g.name for g in schema.ns_features]}")
+        multi = isinstance(f, MultiCategorical)
+        got = tuple(batch.ns[f.name].shape)
+        if not ((len(got) == 2 and got[0] == b) if multi else got == (b,)):
+            raise ValueError(f"batch.ns[{f.name!r}] must have shape {(b, f.max_len) if multi else (b,)}, got {got}")
+    if not check_ids:
+        return
+    if b and (int(ri.min()) < 0 or int(ri.max()) >= r):
+        raise ValueError(f"batch.request_index must be in [0, R={r}), got range [{int(ri.min())}, {int(ri.max())}]")
+    n_seq = len(schema.sequences)
+    st, mask = batch.seq_type, batch.seq_mask
+    if bool(((st < 1) | (st > n_seq))[mask].any()):
+        raise ValueError(f"batch.seq_type must be in 1..{n_seq} (the schema's sequences) on real events")
+    if bool((st[~mask] != 0).any()):
+        raise ValueError("batch.seq_type must be 0 on padding (where seq_mask is False)")
+    for name, ids in [*((f.name, batch.seq[f.name]) for f in schema.event_fields),
+                      *((f.name, batch.ns[f.name]) for f in schema.ns_features)]:
+        n = vocab_size(name)
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= n):
+            raise ValueError(f"feature {name!r}: ids must be in [0, {n}) (its vocabulary size), got range "
+                             f"[{int(ids.min())}, {int(ids.max())}]")
