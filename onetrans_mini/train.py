@@ -75,7 +75,7 @@ class TrainConfig:
     lr: float | None = None  # None: 1e-3 for adamw; for "paper" 0.005 scaled by sqrt(candidates per step / 2048)
     weight_decay: float = 0.01  # AdamW, matrices only (not embeddings, norms, biases); "paper" uses none
     optimizer: str = "adamw"  # or "paper": Adagrad for the embedding tables + RMSProp for the dense part
-    embedding_lr: float | None = None  # lr of the embedding tables; None: 10 x lr (adamw), 0.05 (paper's Adagrad)
+    embedding_lr: float | None = None  # lr of the embedding tables; None: 30 x lr (adamw), 0.05 (paper's Adagrad)
     grad_clip: float | None = 1.0  # global grad-norm clip (adamw); dense part for "paper" (paper: 90)
     grad_clip_embedding: float | None = None  # "paper": embedding tables' clip (paper: 120); None = grad_clip
     warmup: float = 0.05  # fraction of all steps with a linear warm-up
@@ -386,10 +386,12 @@ def make_optimizers(model: nn.Module, cfg: TrainConfig, lr: float) -> Optimizers
             parts.append(("embedding", torch.optim.Adagrad(emb, lr=emb_lr), clip_e))
         return Optimizers(parts)
     # AdamW: decay the dense matrices only; embeddings, norms and biases are not decayed. The embedding
-    # tables get a larger lr: a row moves only in the few steps whose batch holds its id
+    # tables get a 30x larger lr: a row moves only in the few steps whose batch holds its id, from an
+    # N(0, 1) start, so at the dense lr the item and user tables stay near their random init (on ML-100K
+    # that costs ~0.04 AUC and leaves UAUC far below the item-mean floor; 0.01 -> 0.03 -> 0.1 measured)
     decay = [p for p in dense if p.dim() >= 2]
     no_decay = [p for p in dense if p.dim() < 2]
-    emb_lr = 10 * lr if cfg.embedding_lr is None else cfg.embedding_lr
+    emb_lr = 30 * lr if cfg.embedding_lr is None else cfg.embedding_lr
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0},
               {"params": emb, "weight_decay": 0.0, "lr": emb_lr}]
     return Optimizers([("all", torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=(0.9, 0.98)),
