@@ -11,7 +11,8 @@ Five measurements, written as JSON and as a markdown table (``--out DIR``):
     its halves and run all four together. The paper's percentages are printed beside ours.
 (b) INFERENCE latency of one request (its C candidates scored together), p50 and p99, and peak memory,
     for the same switches (recomputation has no meaning without a backward pass: that row is bf16 only).
-(c) The two-stage speed-up against the number of candidates C, measured and analytic (FLOPs ratio).
+(c) The two-stage speed-up against the number of candidates C, measured and analytic (FLOPs ratio); like
+    (b) and (d), a latency: the median of ``latency_reps`` interleaved calls.
 (d) The cross-request cache: the cost of appending n new events to a cached history, against a fresh
     Stage I of the whole history (``cache.UserCache``).
 (e) On CUDA, the MFU of each training row: model FLOPs (``OneTrans.estimate_flops``, forward x 3 for
@@ -470,7 +471,8 @@ def bench_two_stage(suite: SuiteConfig, device: torch.device) -> dict:
         batch = request_batch(1, c, suite.seq_len, seed=2).to(device)
         with torch.inference_mode():
             fns = {"full": lambda: model(batch), "two_stage": lambda: forward_two_stage(model, batch)}
-            t = {k: statistics.median(v) for k, v in interleaved_samples(fns, suite.reps, suite.warmup, device).items()}
+            samples = interleaved_samples(fns, suite.latency_reps, suite.warmup, device)
+            t = {k: statistics.median(v) for k, v in samples.items()}
             diff = float((forward_two_stage(model, batch)[0] - model(batch)[0]).abs().max())
         f_full = model.estimate_flops(c, 1, seq_len=suite.seq_len)["total"]
         f_two = estimate_two_stage_flops(model, c, suite.seq_len)["total"]
@@ -499,12 +501,13 @@ def bench_append(suite: SuiteConfig, device: torch.device) -> dict:
         before, after = Window(ev.slice(0, cached), 0), Window(ev, 0)
         base = UserCache()
         base.advance(model, before)
-        copies = [copy.deepcopy(base) for _ in range(suite.reps + suite.warmup)]
+        copies = [copy.deepcopy(base) for _ in range(suite.latency_reps + suite.warmup)]
         infos = []
         with torch.inference_mode():
             fns = {"fresh": lambda: fresh_stage_one(model, after),
                    "append": lambda: infos.append(copies.pop().advance(model, after))}
-            t = {k: statistics.median(v) for k, v in interleaved_samples(fns, suite.reps, suite.warmup, device).items()}
+            t = {k: statistics.median(v) for k, v in interleaved_samples(fns, suite.latency_reps, suite.warmup,
+                                                                         device).items()}
         info = infos[-1]
         fresh_positions = sum(model.schedule(cached + n))  # S query positions a fresh Stage I computes
         points.append({"new": n, "fresh_s": t["fresh"], "append_s": t["append"], "ratio": t["append"] / t["fresh"],
@@ -617,7 +620,8 @@ def to_markdown(res: dict) -> str:
         f"- model: preset `{m['preset']}` (d={m['d_model']}, {m['n_layers']} layers, {m['n_heads']} heads, FFN "
         f"{m['ffn_mult']}d), L_S={s['seq_len']} events (full histories), L_NS={s['ns_tokens']}",
         f"- each figure: median of {s['reps']} interleaved repetitions after {s['warmup']} warm-up rounds "
-        f"(latency: p50 / p99 of {s['latency_reps']}); every ratio is between figures of this run",
+        f"(latencies (b), (c), (d): p50 / p99 or median of {s['latency_reps']}); every ratio is between figures of this "
+        "run",
         f"- memory: {res['memory_method']}",
         f"- whole run: {res['elapsed_s']:.0f} s",
         "",
