@@ -129,6 +129,16 @@ def test_resume_equals_an_uninterrupted_run(tiny_data, straight_run, tmp_path):
     assert [json.loads(x)["epoch"] for x in lines] == [1, 2]
 
 
+def test_cli_resume_finishes_an_interrupted_run(tiny_data, straight_run, tmp_path, capsys):
+    model = fresh_model(tiny_data)
+    write_config(tmp_path, "onetrans", model, tiny_data, "synthetic-tiny", 0, CFG)
+    train(model, tiny_data, CFG, run_dir=tmp_path, progress=False, stop_after=1)
+    assert main(["train", "--resume", str(tmp_path), "--no-progress"]) == 0
+    assert "user+item mean" in capsys.readouterr().out
+    assert_same_state(load_file(straight_run[0] / "last.safetensors"), load_file(tmp_path / "last.safetensors"))
+    assert json.loads((tmp_path / "results.json").read_text())["epochs_run"] == 2
+
+
 def test_saved_run_loads_and_scores_like_the_original(tiny_data, straight_run):
     run_dir, model, hist = straight_run
     for name in ("config.json", "metrics.jsonl", "model.safetensors", "last.safetensors", "train_state.pt"):
