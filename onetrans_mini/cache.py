@@ -82,9 +82,11 @@ from __future__ import annotations
 
 import math
 import warnings
+import weakref
 from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 import torch
 import torch.nn as nn
@@ -92,6 +94,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from .attention import attend
+from .layers import rms_norm
 
 # ----------------------------------------------------------------------------------------------
 # 1. the request cache: Stage I once per request, Stage II per candidate
@@ -376,7 +379,9 @@ class Events:
         return self.seq_type.shape[0]
 
     def slice(self, a: int, b: int | None = None) -> "Events":
-        return Events({k: v[a:b] for k, v in self.fields.items()}, self.seq_type[a:b], self.time[a:b])
+        out = object.__new__(Events)  # a slice of valid events is valid: no need to check it again (every append slices)
+        out.fields, out.seq_type, out.time = {k: v[a:b] for k, v in self.fields.items()}, self.seq_type[a:b], self.time[a:b]
+        return out
 
     @staticmethod
     def cat(parts: list["Events"]) -> "Events":
@@ -545,44 +550,77 @@ class UserCache:
             # (new events older than the cached ones cannot get here: ``Events`` are in time order)
         start, end = window.start, window.end
         c_end = start if fresh else self.end  # cached positions: [start, c_end)
-        with _few_threads(end - c_end):
-            x_new = _tokenize(model, window.events.slice(c_end - start))  # (end - c_end, d)
-        u = c_end  # first position whose layer input is new or changed (inputs before u are as cached)
-        info = {"computed": [], "reused": [], "window_moved": [], "fresh": fresh}
-        if fresh:
-            self.layers = [_LayerState() for _ in model.blocks]
-        for layer, (block, q) in enumerate(zip(model.blocks, model.layer_queries)):
+        # plan (integers only): per layer, the key window, the query positions and where recomputing starts
+        plan, u = [], c_end  # u: first position whose layer input is new or changed (inputs before u are as cached)
+        for layer, q in enumerate(model.layer_queries):
             w = end - start if layer == 0 else model.layer_queries[layer - 1]
             k_start, x_start = max(start, end - w), max(start, end - q)  # key window, query positions
-            st = self.layers[layer]
             # outputs of the query positions [x_start, end) are exact as cached only up to u, and only if the
             # layer's key window start did not move (approx: reuse whatever was computed before)
-            moved = not fresh and k_start != st.kv.start
+            moved = not fresh and k_start != self.layers[layer].kv.start
             r = x_start if (moved and not approx) else max(x_start, u)  # recompute the outputs of [r, end)
-            info["computed"].append(end - r if q else 0)
-            info["reused"].append(r - x_start if q else 0)
-            info["window_moved"].append(moved)
-            with _few_threads(max(end - max(k_start, u), end - r)):
-                x_new = _advance_layer(block, st, x_new, u, r, end, k_start, x_start, q)
+            plan.append((u, r, k_start, x_start, q, moved))
             u = r if q else end  # the next layer's inputs changed from r on (nothing above the top)
+        info = {"computed": [end - r if q else 0 for _, r, _, _, q, _ in plan],
+                "reused": [r - x_start if q else 0 for _, r, _, x_start, q, _ in plan],
+                "window_moved": [p[-1] for p in plan], "fresh": fresh}
+        if fresh:
+            self.layers = [_LayerState() for _ in model.blocks]
+        rows = max([end - c_end] + [max(end - max(k_start, u), end - r) for u, r, k_start, _, _, _ in plan])
+        with _few_threads(rows):  # the largest computation decides (an append: a handful of rows throughout)
+            x_new = _tokenize(model, window.events.slice(c_end - start))  # (end - c_end, d)
+            for block, st, (u, r, k_start, x_start, q, _) in zip(model.blocks, self.layers, plan):
+                x_new = _advance_layer(_s_path(block), st, x_new, u, r, end, k_start, x_start, q)
         self.start, self.end = start, end
         if len(window.events):
             self.last_time = float(window.events.time[-1])
         return info
 
 
-def _advance_layer(block, st: _LayerState, x_new, u: int, r: int, end: int, k_start: int, x_start: int, q: int):
+class _SPath:
+    """The S side of one ``OneTransBlock`` as plain tensors (eval: no dropout), for ``UserCache.advance``.
+
+    An append computes a handful of rows, where every module call and parameter lookup (a microsecond or
+    more each) costs as much as the maths: the incremental path runs functional ops on these tensors, the
+    same maths as ``OneTransBlock._update`` on S queries (tested against fresh Stage I and the full
+    forward)."""
+
+    __slots__ = ("n_heads", "norm1", "eps1", "kv", "norm2", "eps2", "q", "o", "w1", "w2")
+
+    def __init__(self, block):
+        attn = block.attn
+        self.n_heads, self.norm1, self.eps1, self.kv = attn.n_heads, block.norm1.weight, block.norm1.eps, attn.kv.weight
+        if block.has_s_queries:  # the top layer has no S-side query, output or FFN weights
+            self.norm2, self.eps2 = block.norm2.weight, block.norm2.eps
+            self.q, self.o, self.w1, self.w2 = attn.q.weight, attn.o.weight, block.ffn.w1.weight, block.ffn.w2.weight
+
+
+_S_PATHS: "weakref.WeakKeyDictionary[nn.Module, _SPath]" = weakref.WeakKeyDictionary()
+
+
+def _s_path(block) -> _SPath:
+    """``_SPath(block)``, built once per block: looking its tensors up on every append costs ~8 us per layer, a
+    seventh of the whole append at d = 64. It holds the block's Parameter objects, whose VALUES training,
+    ``load_state_dict`` or ``.to()`` change in place (seen at once); if they are replaced by new objects
+    (``load_state_dict(..., assign=True)``), the changed key/value weight says so and it is rebuilt."""
+    sp = _S_PATHS.get(block)
+    if sp is None or sp.kv is not block.attn.kv.weight:
+        sp = _S_PATHS[block] = _SPath(block)
+    return sp
+
+
+def _advance_layer(sp: _SPath, st: _LayerState, x_new, u: int, r: int, end: int, k_start: int, x_start: int, q: int):
     """One layer of ``UserCache.advance``. ``x_new``: this layer's inputs of ``[u, end)`` (new or changed);
     the cached inputs before u are exact. Updates the layer's keys/values (window ``[k_start, end)``) and
     query inputs (``[x_start, end)``), and returns its outputs of ``[r, end)`` (the next layer's new inputs)."""
     # keys/values: cached rows [k_start, u) stay exact (their inputs did not change), new rows from x_new
-    h_add = block.norm1(x_new[max(k_start, u) - u:])  # (n_add, d)
-    kv_add = _heads(block.attn.kv.forward_s(h_add), 2, block.attn.n_heads)  # (2, H, n_add, hd)
+    h_add = rms_norm(x_new[max(k_start, u) - u:], sp.norm1, sp.eps1)  # (n_add, d)
+    kv_add = _heads(h_add @ sp.kv, 2, sp.n_heads)  # (2, H, n_add, hd)
     if r >= u:  # the pure append: only new rows are queries
         xq, h_q = x_new[r - u:], h_add[len(h_add) - (end - r):]
     else:  # recompute from the cached inputs of [r, u) too
         xq = torch.cat([st.x.view(r, u), x_new])
-        h_q = block.norm1(xq)
+        h_q = rms_norm(xq, sp.norm1, sp.eps1)
     st.kv.update(k_start, max(k_start, u), kv_add)  # (2, H, end - k_start, hd)
     if not q:  # the top layer: keys/values only
         return xq[:0]
@@ -590,26 +628,30 @@ def _advance_layer(block, st: _LayerState, x_new, u: int, r: int, end: int, k_st
     if not len(xq):
         return xq
     kv = st.kv.view()
-    return _s_queries(block, xq, h_q, kv[0], kv[1])  # (end - r, d)
+    return _s_queries(sp, xq, h_q, kv[0], kv[1])  # (end - r, d)
 
 
-SMALL_WORK_ROWS = 32  # at most this many rows: one intra-op thread (a thread wake-up costs more than the work)
+SMALL_WORK_ROWS = 32  # at most this many rows: one intra-op thread and ATen's own kernels (see _few_threads)
 
 
 @contextmanager
 def _few_threads(rows: int):
-    """Run a few-row computation on one intra-op thread. An append touches a handful of rows; with more
-    threads every parallel region pays a wake-up (tens of microseconds, far more on a busy machine),
-    which is more than the work itself. The global thread count is restored on exit."""
-    before = torch.get_num_threads()
-    if rows > SMALL_WORK_ROWS or before == 1:
+    """Run a few-row computation on one intra-op thread, with oneDNN off. An append touches a handful of
+    rows, and two fixed costs dwarf such work: with more threads every parallel region pays a wake-up (tens of
+    microseconds, far more on a busy machine), and oneDNN (which PyTorch's CPU build uses for GELU, among
+    others) sets up a primitive per call (GELU of 8 x 256 values: about 6 us through oneDNN, 1.5 us
+    without). Both settings are global and restored on exit."""
+    if rows > SMALL_WORK_ROWS:
         yield
         return
+    threads, onednn = torch.get_num_threads(), torch.backends.mkldnn.enabled
     torch.set_num_threads(1)
+    torch.backends.mkldnn.enabled = False
     try:
         yield
     finally:
-        torch.set_num_threads(before)
+        torch.set_num_threads(threads)
+        torch.backends.mkldnn.enabled = onednn
 
 
 SDPA_MIN_QUERIES = 64  # fewer S queries than this: the explicit softmax (the fused CPU kernel's set-up dominates)
@@ -621,19 +663,34 @@ def _heads(y: torch.Tensor, n: int, n_heads: int) -> torch.Tensor:
     return y.view(length, n, n_heads, width // (n * n_heads)).permute(1, 2, 0, 3)
 
 
-def _s_queries(block, x: torch.Tensor, h: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+def _s_queries(sp: _SPath, x: torch.Tensor, h: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """The S path of ``OneTransBlock`` (eval: no dropout) for the LAST m positions of a key window of one
     user, all keys real: x, h = norm1(x) (m, d); k, v (H, Ls, hd) -> layer outputs (m, d).
 
     The same maths as ``OneTransBlock._update`` on S queries (tested against the model's forward), with the
-    mask built directly (queries are the window's last m positions: a shifted lower triangle)."""
-    attn = block.attn
+    mask built directly: queries are the window's last m positions, so query i sees keys ``<= Ls - m + i``
+    (a shifted lower triangle)."""
     m, ls = x.shape[0], k.shape[1]
-    q = _heads(attn.q.forward_s(h), 1, attn.n_heads)  # (1, H, m, hd)
-    mask = torch.ones(m, ls, dtype=torch.bool, device=x.device).tril(ls - m)  # query i sees keys <= ls - m + i
-    o, _ = attend(q, k[None], v[None], mask[None, None], explicit=m < SDPA_MIN_QUERIES)  # (1, H, m, hd)
-    z = x + attn.o.forward_s(o[0].transpose(0, 1).reshape(m, -1))  # Z = MixedMHA(RMSNorm(X)) + X
-    return z + block.ffn.forward_s(block.norm2(z))  # X' = MixedFFN(RMSNorm(Z)) + Z
+    q = _heads(h @ sp.q, 1, sp.n_heads)[0]  # (H, m, hd)
+    if m < SDPA_MIN_QUERIES:
+        # attend()'s explicit softmax in three ops: the mask as an additive bias (0 / -inf), added in the matmul
+        bias = _tail_bias(m, ls, x.dtype, x.device)  # (m, Ls), broadcast over heads
+        scores = torch.baddbmm(bias, q, k.transpose(1, 2), alpha=q.shape[-1] ** -0.5)  # (H, m, Ls)
+        o = torch.bmm(scores.softmax(-1), v)  # (H, m, hd)
+    else:
+        mask = torch.ones(m, ls, dtype=torch.bool, device=x.device).tril(ls - m)  # (m, Ls)
+        o = attend(q[None], k[None], v[None], mask[None, None])[0][0]  # (H, m, hd)
+    z = x + o.transpose(0, 1).reshape(m, -1) @ sp.o  # Z = MixedMHA(RMSNorm(X)) + X
+    return z + F.gelu(rms_norm(z, sp.norm2, sp.eps2) @ sp.w1) @ sp.w2  # X' = MixedFFN(RMSNorm(Z)) + Z
+
+
+@lru_cache(maxsize=64)
+def _tail_bias(m: int, ls: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """(m, Ls) additive mask of the last m queries of a causal window of Ls keys: 0 where query i may see
+    key j (j <= Ls - m + i), -inf elsewhere. Cached: an append builds the same few shapes again and again."""
+    with torch.inference_mode(False), torch.no_grad():  # a normal tensor, usable in any mode
+        allowed = torch.ones(m, ls, dtype=torch.bool, device=device).tril(ls - m)
+        return torch.zeros(m, ls, dtype=dtype, device=device).masked_fill(~allowed, float("-inf"))
 
 
 @torch.no_grad()
@@ -656,17 +713,15 @@ def _check_events(model, events: Events) -> None:
     missing = [f for f in seq.fields if f not in events.fields]
     if missing:
         raise ValueError(f"events lack event field(s) {missing}; expected {list(seq.fields)}")
-    if len(events) and (int(events.seq_type.min()) < 1 or int(events.seq_type.max()) > seq.n_sequences):
+    lo, hi = torch.aminmax(events.seq_type) if len(events) else (1, 1)
+    if int(lo) < 1 or int(hi) > seq.n_sequences:
         raise ValueError(f"events: seq_type must be in 1..{seq.n_sequences} (the schema's sequences)")
 
 
 def _tokenize(model, events: Events) -> torch.Tensor:
     """S-tokens (n, d) of events, each depending on its own event only (timestamp-aware merge)."""
-    seq = model.tokenizer.seq
     _check_events(model, events)
-    mask = torch.ones(1, len(events), dtype=torch.bool, device=events.seq_type.device)
-    x, _ = seq(model.tokenizer.embeddings, {f: events.fields[f][None] for f in seq.fields}, events.seq_type[None], mask)
-    return x[0]  # (n, d)
+    return model.tokenizer.seq.event_tokens(model.tokenizer.embeddings, events.fields, events.seq_type)  # (n, d)
 
 
 @dataclass

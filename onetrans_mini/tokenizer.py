@@ -28,6 +28,7 @@ from typing import Mapping
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from einops import rearrange
 
 from .config import ModelConfig
@@ -198,6 +199,22 @@ class SequenceTokenizer(nn.Module):
             x = x + self.type_emb(seq_type * seq_mask)  # (R, L, d), type 0 (zero) on padding
             return x, seq_mask
         return self._regroup(x, seq_type, seq_mask)
+
+    def event_tokens(self, emb: FeatureEmbeddings, seq: dict[str, torch.Tensor], seq_type: torch.Tensor) -> torch.Tensor:
+        """S-tokens (n, d) of n real events (ids (n,) per field, ``seq_type`` (n,) in 1..n_sequences): the
+        timestamp-aware tokens of ``forward`` for one unpadded row, in fewer operations, for the cross-request
+        cache's appends of a few events, where each module call costs as much as the maths. Every sequence's
+        MLP runs on every event and each event keeps its own sequence's output: for a handful of rows that is
+        cheaper than ``forward``'s gather and scatter of each sequence's rows. Tested equal to ``forward``."""
+        if self.merge != "timestamp_aware":
+            raise ValueError("event_tokens: only the timestamp-aware merge makes each token depend on its own event")
+        # event fields are single-valued (the schema says so): a plain lookup in each field's table
+        e = torch.cat([F.embedding(seq[name], emb.tables[emb.owner[name]].weight) for name in self.fields], dim=-1)
+        y = None
+        for i, (lin1, _, lin2) in enumerate(self.mlps):  # mlp(): Linear -> GELU -> Linear, as functions
+            y_i = F.linear(F.gelu(F.linear(e, lin1.weight, lin1.bias)), lin2.weight, lin2.bias)  # (n, d)
+            y = y_i if y is None else torch.where((seq_type == i + 1)[:, None], y_i, y)  # events of sequence i take MLP_i
+        return y + F.embedding(seq_type, self.type_emb.weight)  # (n, d): MLP_{seq_type} of each event + its type
 
     def _regroup(self, x: torch.Tensor, seq_type: torch.Tensor, real: torch.Tensor):
         """Timestamp-agnostic layout of each row: [PAD.. | seq 1 | SEP | seq 2 | SEP | ... | seq n].

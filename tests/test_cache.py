@@ -239,8 +239,8 @@ def test_append_computes_only_the_new_events_where_reuse_is_exact():
 
 
 def test_user_cache_fused_attention_path_and_thread_count(monkeypatch):
-    """The fused-attention branch of the incremental S path (many queries) and the few-rows-one-thread rule
-    (which must restore the caller's thread count) give the same states."""
+    """The fused-attention branch of the incremental S path (many queries) and the few-rows rule (one thread,
+    oneDNN off; the caller's settings must be restored) give the same states."""
     import onetrans_mini.cache as cache_mod
 
     model = make_model(tiny_config(n_layers=4))
@@ -255,7 +255,7 @@ def test_user_cache_fused_attention_path_and_thread_count(monkeypatch):
         uc = UserCache()
         uc.advance(model, Window(ev.slice(0, 12), 0))
         uc.advance(model, Window(ev, 0))
-        assert torch.get_num_threads() == 2
+        assert torch.get_num_threads() == 2 and torch.backends.mkldnn.enabled  # both global settings restored
     finally:
         torch.set_num_threads(before)
     with torch.no_grad():
@@ -422,3 +422,21 @@ def test_request_level_wrapper_equals_two_stage_and_full_forward():
     ref_loss.backward()
     for a, p in zip(g, model.parameters()):
         torch.testing.assert_close(a, p.grad, atol=1e-5, rtol=1e-4)
+
+
+def test_user_cache_sees_weights_replaced_by_new_parameter_objects():
+    """The incremental path keeps each block's parameter tensors; new values (in place) and new objects
+    (``load_state_dict(assign=True)``) must both reach the next append."""
+    model, other = make_model(), make_model(tiny_config(), seed=1)
+    s = Stream()
+    ev = s.events(12)
+    uc = UserCache()
+    uc.advance(model, Window(ev.slice(0, 8), 0))  # the S paths of the blocks are now built
+    model.load_state_dict(other.state_dict(), assign=True)
+    uc2 = UserCache()
+    uc2.advance(model, Window(ev.slice(0, 8), 0))
+    uc2.advance(model, Window(ev, 0))
+    ns = make_batch(1, (3,), seed=1).ns
+    with torch.no_grad():
+        want = _reference(other, Window(ev, 0), ns)
+        assert max_diff(score(model, uc2.request_cache(), ns, torch.zeros(3, dtype=torch.long)), want) <= TOL

@@ -18,6 +18,22 @@ def test_rmsnorm_matches_formula():
     torch.testing.assert_close(norm(x), want, rtol=1e-6, atol=1e-6)
 
 
+def test_rmsnorm_fused_fp32_path_matches_the_half_precision_path():
+    """fp32 runs F.rms_norm (one op); other dtypes the explicit fp32 maths: same values and gradients."""
+    torch.manual_seed(0)
+    norm = RMSNorm(8)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(8))
+    x = torch.randn(3, 5, 8, dtype=torch.float64, requires_grad=True)  # float64 takes the explicit path
+    x32 = x.detach().float().requires_grad_()
+    y64, y32 = norm.double()(x), norm.float()(x32)
+    torch.testing.assert_close(y32, y64.float(), rtol=1e-6, atol=1e-6)
+    (g64,), (g32,) = torch.autograd.grad(y64.sum(), x), torch.autograd.grad(y32.sum(), x32)
+    torch.testing.assert_close(g32, g64.float(), rtol=1e-5, atol=1e-5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # under autocast the norm still runs (and returns) fp32
+        assert norm(x32).dtype == torch.float32
+
+
 @pytest.mark.parametrize("shared", [False, True])
 def test_mixed_linear_einsum_matches_per_token_loop(shared):
     torch.manual_seed(0)

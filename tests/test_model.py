@@ -118,6 +118,24 @@ def test_timestamp_aware_adds_a_type_embedding_and_keeps_time_order():
     torch.testing.assert_close(x2, x)  # no other token moved
 
 
+def test_event_tokens_equal_the_padded_forward_on_real_positions():
+    """The cache's few-row tokenizer (every MLP on every event, then a gather) is the slow forward's maths."""
+    model = make_model()
+    tok = model.tokenizer
+    batch = make_batch()
+    x, real = tok.seq(tok.embeddings, batch.seq, batch.seq_type, batch.seq_mask)
+    for r in range(batch.seq_type.shape[0]):
+        keep = real[r]
+        if not keep.any():
+            continue
+        got = tok.seq.event_tokens(tok.embeddings, {f: v[r][keep] for f, v in batch.seq.items()}, batch.seq_type[r][keep])
+        torch.testing.assert_close(got, x[r][keep], **TOL)
+    assert set(batch.seq_type[batch.seq_mask].tolist()) == {1, 2}  # both sequences (both MLPs) were exercised
+    agnostic = make_model(tiny_config(seq_merge="timestamp_agnostic")).tokenizer
+    with pytest.raises(ValueError, match="timestamp-aware"):
+        agnostic.seq.event_tokens(agnostic.embeddings, {f: v[0] for f, v in batch.seq.items()}, batch.seq_type[0])
+
+
 # ----------------------------------------------------------------------------------------------
 # pyramid
 
