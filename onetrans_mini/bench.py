@@ -14,7 +14,10 @@ Five measurements, written as JSON and as a markdown table (``--out DIR``):
 (c) The two-stage speed-up against the number of candidates C, measured and analytic (FLOPs ratio); like
     (b) and (d), a latency: the median of ``latency_reps`` interleaved calls.
 (d) The cross-request cache: the cost of appending n new events to a cached history, against a fresh
-    Stage I of the whole history (``cache.UserCache``).
+    Stage I of the whole history (``cache.UserCache``). On CPU both run on ONE thread, like for like: an
+    append of a few events always does (``cache._few_threads``), and a server runs one request per core, so
+    cost per core is what sets its throughput. (A fresh Stage I of 264 events at d=64 does gain from a
+    second core on a quiet machine: about 1.4x with spinning OpenMP threads; with passive waits it lost 2x.)
 (e) On CUDA, the MFU of each training row: model FLOPs (``OneTrans.estimate_flops``, forward x 3 for
     forward + backward; recomputation is not counted, as MFU is defined) / step time / peak dense bf16
     FLOP/s of the GPU (H100 / H200: 989 TFLOP/s; ``--peak-tflops`` for others). On CPU: achieved FLOP/s.
@@ -496,24 +499,36 @@ def bench_append(suite: SuiteConfig, device: torch.device) -> dict:
     cached = suite.append_cached
     model = build_model(suite, device, seq_len=cached + max(suite.append_new)).eval()
     points = []
-    for n in suite.append_new:
-        ev = _events(cached + n, seed=3, device=device)
-        before, after = Window(ev.slice(0, cached), 0), Window(ev, 0)
-        base = UserCache()
-        base.advance(model, before)
-        copies = [copy.deepcopy(base) for _ in range(suite.latency_reps + suite.warmup)]
-        infos = []
-        with torch.inference_mode():
-            fns = {"fresh": lambda: fresh_stage_one(model, after),
-                   "append": lambda: infos.append(copies.pop().advance(model, after))}
-            t = {k: statistics.median(v) for k, v in interleaved_samples(fns, suite.latency_reps, suite.warmup,
-                                                                         device).items()}
-        info = infos[-1]
-        fresh_positions = sum(model.schedule(cached + n))  # S query positions a fresh Stage I computes
-        points.append({"new": n, "fresh_s": t["fresh"], "append_s": t["append"], "ratio": t["append"] / t["fresh"],
-                       "computed": info["computed"], "reused": info["reused"], "window_moved": info["window_moved"],
-                       "computed_share": sum(info["computed"]) / fresh_positions})
-    return {"cached": cached, "schedule": model.layer_queries, "points": points}
+    threads = torch.get_num_threads()
+    if device.type == "cpu":
+        torch.set_num_threads(1)  # like for like (see the module docstring, (d)); restored below
+    try:
+        for n in suite.append_new:
+            points.append(_append_point(model, cached, n, suite, device))
+    finally:
+        torch.set_num_threads(threads)
+    return {"cached": cached, "schedule": model.layer_queries, "points": points,
+            "threads": 1 if device.type == "cpu" else None}
+
+
+def _append_point(model, cached: int, n: int, suite: SuiteConfig, device: torch.device) -> dict:
+    """One row of (d): ``n`` events appended to a cached history of ``cached``, interleaved with a fresh Stage I."""
+    ev = _events(cached + n, seed=3, device=device)
+    before, after = Window(ev.slice(0, cached), 0), Window(ev, 0)
+    base = UserCache()
+    base.advance(model, before)
+    copies = [copy.deepcopy(base) for _ in range(suite.latency_reps + suite.warmup)]
+    infos = []
+    with torch.inference_mode():
+        fns = {"fresh": lambda: fresh_stage_one(model, after),
+               "append": lambda: infos.append(copies.pop().advance(model, after))}  # a cached state per call
+        t = {k: statistics.median(v) for k, v in interleaved_samples(fns, suite.latency_reps, suite.warmup,
+                                                                     device).items()}
+    info = infos[-1]
+    fresh_positions = sum(model.schedule(cached + n))  # S query positions a fresh Stage I computes
+    return {"new": n, "fresh_s": t["fresh"], "append_s": t["append"], "ratio": t["append"] / t["fresh"],
+            "computed": info["computed"], "reused": info["reused"], "window_moved": info["window_moved"],
+            "computed_share": sum(info["computed"]) / fresh_positions}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -694,7 +709,10 @@ def to_markdown(res: dict) -> str:
         else:
             lines += [f"Cached history {ap['cached']} events; S queries per layer {ap['schedule']} (window max_len "
                       f"{ap['schedule'][0]}); exact mode, no front truncation. A pyramid layer above the second whose "
-                      "key window moved recomputes its S outputs from cached inputs (the top layer has none).", "",
+                      "key window moved recomputes its S outputs from cached inputs (the top layer has none)."
+                      + (" Both on one CPU thread, like for like: an append of a few events always runs on one, and"
+                         " cost per core sets a server's throughput."
+                         if ap.get("threads") == 1 else ""), "",
                       "| new events | fresh Stage I ms | append ms | append / fresh | S query positions computed "
                       "(share of fresh) | layers recomputed (key window moved) |",
                       "|---:|---:|---:|---:|---:|---|"]
