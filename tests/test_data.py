@@ -297,6 +297,24 @@ def test_fetch_verifies_the_checksum_and_leaves_nothing_on_mismatch(tmp_path):
     assert sorted(p.name for p in root.iterdir()) == ["toy"]
 
 
+def test_relative_data_and_cache_dirs_resolve_from_the_project_root(tmp_path, monkeypatch):
+    """The CLI runs at the project root, a notebook kernel in notebooks/: the same relative setting must
+    name the same folder for both; absolute settings are taken as they are."""
+    from onetrans_mini.data import download
+
+    root = Path(download.__file__).resolve().parents[2]
+    assert (root / "pyproject.toml").exists()  # a source checkout, as the tests run
+    monkeypatch.setenv("ONETRANS_DATA_DIR", "../some/data")
+    monkeypatch.setenv("ONETRANS_CACHE_DIR", "relative-cache")
+    seen = []
+    for cwd in (root, root / "notebooks"):
+        monkeypatch.chdir(cwd)
+        seen.append((download.data_dir().resolve(), download.cache_dir().resolve()))
+    assert seen[0] == seen[1] == ((root.parent / "some" / "data").resolve(), root / "relative-cache")
+    monkeypatch.setenv("ONETRANS_DATA_DIR", str(tmp_path))
+    assert download.data_dir() == tmp_path
+
+
 def test_fetch_offline_names_the_url_and_the_manual_route(tmp_path):
     spec = RemoteZip("toy", (tmp_path / "nowhere.zip").as_uri(), "0" * 32, "toy", ("a.txt",))
     with pytest.raises(DataError, match=r"could not download file://.*nowhere.zip.*by hand"):

@@ -5,6 +5,10 @@
 - ``cache_dir()``: prepared requests (Arrow tables, vocabularies). ``$ONETRANS_CACHE_DIR``, else
   ``data/cache`` at the project root (or ``~/.cache/onetrans_mini``). Never inside a data dir given by
   the environment, so a read-only copy of the raw files is never written to.
+
+A relative ``$ONETRANS_DATA_DIR`` / ``$ONETRANS_CACHE_DIR`` is taken from the project root in a source
+checkout (from the current directory otherwise), so the CLI run at the root and a notebook kernel, whose
+current directory is ``notebooks/``, read the same folder.
 """
 
 from __future__ import annotations
@@ -25,17 +29,25 @@ _PACKAGE = Path(__file__).resolve().parents[1]
 _PROJECT = _PACKAGE.parent if (_PACKAGE.parent / "pyproject.toml").exists() else None
 
 
+def _from_env(name: str) -> Path | None:
+    env = os.environ.get(name)
+    if not env:
+        return None
+    path = Path(env).expanduser()
+    return path if path.is_absolute() or _PROJECT is None else _PROJECT / path
+
+
 def data_dir() -> Path:
-    env = os.environ.get("ONETRANS_DATA_DIR")
+    env = _from_env("ONETRANS_DATA_DIR")
     if env:
-        return Path(env).expanduser()
+        return env
     return (_PROJECT / "data") if _PROJECT else Path.home() / ".onetrans_mini" / "data"
 
 
 def cache_dir() -> Path:
-    env = os.environ.get("ONETRANS_CACHE_DIR")
+    env = _from_env("ONETRANS_CACHE_DIR")
     if env:
-        return Path(env).expanduser()
+        return env
     return (_PROJECT / "data" / "cache") if _PROJECT else Path.home() / ".cache" / "onetrans_mini"
 
 
