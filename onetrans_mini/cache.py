@@ -67,11 +67,14 @@ Consequences (what ``UserCache.advance`` does):
   store then falls back to a fresh Stage I on every request and says so (a warning and ``fallbacks``).
 - ``causal=False`` (full-attention ablation): S-tokens see the candidate, no cache is possible: errors.
 
-Cost of an append: the FLOPs are O(new events) (8 of 264 events: ~3% of a fresh Stage I), but at
-d=64 each of the ~200 small tensor operations of the tokenizer and the layers costs microseconds
-whatever its size, so an append costs a fixed ~0.5 ms on a laptop-class CPU; ``bench_cache`` shows the
-ratio falling with longer histories and wider models. Such few-row work runs on ONE intra-op thread
-(``_few_threads``): waking a second thread costs more than the work.
+Cost of an append: the FLOPs are O(new events) (8 of 264 events: ~4% of a fresh Stage I's S query
+positions), but at d=64 an append is bound by per-operation overhead: about 100 small tensor operations
+(the tokenizer, two layers with queries, the top layer's keys/values), each costing microseconds whatever
+its size. The incremental path is written for that: few-row work runs on ONE intra-op thread with ATen's
+own kernels (``_few_threads``: a thread wake-up or a oneDNN primitive set-up costs more than the work), the
+layers as functional ops on each block's tensors (``_SPath``), attention as one ``baddbmm`` with a cached
+additive mask. ``bench_cache`` (both sides on one thread): appending 8 events to 256 costs about 0.35 ms,
+17-19% of a fresh Stage I at ``small``, 13-14% at ``S`` (d=256) and 6% over 1,024 events.
 
 ``mode="approx"`` reuses every previously computed state whatever moved (append-only reuse, as a plain
 append-only key/value store would): cheaper after truncations and at pyramid layers, not exact; the
