@@ -246,9 +246,7 @@ def _ns_layer(block, x_ns: torch.Tensor, layer: LayerKV, pack: _Packing, impl: s
     p = attn.dropout if attn.training else 0.0
     o = IMPLS[impl](pack.pack(q, heads), pack.pack(k_n, heads), pack.pack(v_n, heads),
                     layer.k, layer.v, layer.s_real, n_ns, p)  # (R, H, C*L_NS, hd)
-    o = attn.o.forward_ns(pack.unpack(o, n_ns))  # (B, L_NS, d)
-    z = x_ns + block.drop(o)  # Z = MixedMHA(RMSNorm(X)) + X
-    return z + block.drop(block.ffn.forward_ns(block.norm2(z)))  # X' = MixedFFN(RMSNorm(Z)) + Z
+    return block.residual_ffn(x_ns, attn.o.forward_ns(pack.unpack(o, n_ns)), ns=True)  # (B, L_NS, d)
 
 
 def stage_two(model, cache: RequestCache, x_ns: torch.Tensor, request_index: torch.Tensor,

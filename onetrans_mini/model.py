@@ -89,7 +89,9 @@ class OneTransBlock(nn.Module):
     - ``forward_s(x_s, s_real, n_q) -> (x_s', kv_s)``: Stage I, the S-tokens alone (causal only: an
       S-token never sees an NS-token), returning this layer's S keys/values to cache;
     - ``forward_ns(x_ns, kv_s, s_real) -> x_ns'``: Stage II, NS-tokens against given S keys/values
-      (gather a request's cache per candidate: ``k[request_index]``).
+      (gather a request's cache per candidate: ``k[request_index]``);
+    - ``residual_ffn(x, o, ns)``: the residual and FFN half of the block, for callers that compute the
+      attention their own way (``cache.stage_two`` packs a request's candidates).
     """
 
     def __init__(self, config: ModelConfig, n_ns: int, layer_idx: int = 0, has_s_queries: bool = True):
@@ -142,14 +144,20 @@ class OneTransBlock(nn.Module):
     def _update(self, x_sq, h_sq, x_ns, kv_s, s_real):
         h_ns = None if x_ns is None else self.norm1(x_ns)  # (N, L_NS, d)
         o_s, o_ns = self.attn(h_sq, h_ns, kv_s, s_real)
-        out_s = out_ns = None
-        if o_s is not None:
-            z = x_sq + self.drop(o_s)  # Z = MixedMHA(RMSNorm(X)) + X, S-tokens  (N, n_q, d)
-            out_s = z + self.drop(self.ffn.forward_s(self.norm2(z)))  # X' = MixedFFN(RMSNorm(Z)) + Z
-        if o_ns is not None:
-            z = x_ns + self.drop(o_ns)  # NS-tokens  (N, L_NS, d)
-            out_ns = z + self.drop(self.ffn.forward_ns(self.norm2(z)))
+        out_s = None if o_s is None else self.residual_ffn(x_sq, o_s, ns=False)  # (N, n_q, d)
+        out_ns = None if o_ns is None else self.residual_ffn(x_ns, o_ns, ns=True)  # (N, L_NS, d)
         return out_s, out_ns
+
+    def residual_ffn(self, x: torch.Tensor, o: torch.Tensor, ns: bool) -> torch.Tensor:
+        """The rest of the block once the attention output ``o`` (after W_O) of tokens ``x`` is known; the
+        S side (``ns=False``) or the NS side. Also the end of the cache's Stage II, which attends its own way::
+
+            Z  = MixedMHA(RMSNorm(X)) + X
+            X' = MixedFFN(RMSNorm(Z)) + Z
+        """
+        z = x + self.drop(o)
+        ffn = self.ffn.forward_ns if ns else self.ffn.forward_s
+        return z + self.drop(ffn(self.norm2(z)))
 
 
 # ----------------------------------------------------------------------------------------------
