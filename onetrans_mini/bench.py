@@ -315,6 +315,19 @@ SUITES: dict[str, SuiteConfig] = {
 }
 
 
+def suite_name(suite: SuiteConfig) -> str:
+    """The named suite ``suite`` is closest to, with what differs: ``"quick (threads=1)"``; ``"custom"`` when no
+    named suite is within three fields of it."""
+    def diff(base):
+        return {f.name: getattr(suite, f.name) for f in dataclasses.fields(suite)
+                if getattr(suite, f.name) != getattr(base, f.name)}
+
+    name, changed = min(((n, diff(b)) for n, b in SUITES.items()), key=lambda x: len(x[1]))
+    if len(changed) > 3:
+        return "custom"
+    return name + (f" ({', '.join(f'{k}={v}' for k, v in changed.items())})" if changed else "")
+
+
 def request_batch(n_requests: int, n_candidates: int, seq_len: int, seed: int = 0) -> Batch:
     """``n_requests`` requests of ``n_candidates`` candidates each (grouped by request, as the data pipeline
     makes them), full histories of ``seq_len`` events, random ids of ``bench_model.BENCH_SCHEMA``."""
@@ -545,7 +558,8 @@ def hardware(device: torch.device) -> str:
             cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
     except OSError:
         pass
-    return f"CPU: {cpu}, {torch.get_num_threads()} threads of {os.cpu_count()} cores (torch {torch.__version__})"
+    n = torch.get_num_threads()
+    return f"CPU: {cpu}, {n} thread{'s' if n != 1 else ''} of {os.cpu_count()} cores (torch {torch.__version__})"
 
 
 SECTIONS = {"train": bench_train, "inference": bench_inference, "two_stage": bench_two_stage, "append": bench_append}
@@ -555,7 +569,7 @@ def run_suite(suite: SuiteConfig | str = "quick", device: str | torch.device = "
               progress=print) -> dict:
     """Run the suite; returns the JSON-ready result. A section that fails is recorded as
     ``{"error": ...}`` and the others still run (a GPU run should not lose everything to one OOM)."""
-    name = suite if isinstance(suite, str) else "custom"
+    name = suite if isinstance(suite, str) else suite_name(suite)
     suite = SUITES[suite] if isinstance(suite, str) else suite
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():

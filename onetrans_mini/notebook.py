@@ -39,7 +39,8 @@ def hardware() -> str:
                 break
     except OSError:
         pass
-    return f"CPU: {cpu}, {torch.get_num_threads()} threads (torch {torch.__version__})"
+    n = torch.get_num_threads()
+    return f"CPU: {cpu}, {n} thread{'s' if n != 1 else ''} (torch {torch.__version__})"
 
 
 def setup(seed: int = 0) -> None:

@@ -67,7 +67,7 @@ class TrainConfig:
     """How a model is trained (saved in the run's ``config.json``, restored by ``--resume``).
 
     Defaults are tuned for ``onetrans-mini train`` (preset ``small`` on ML-100K, 2 CPU threads): about
-    85 s on a quiet machine, test AUC (like) 0.786 to 0.791 over seeds 0-2 against the user+item floor's
+    80-100 s on a quiet machine, test AUC (like) 0.786 to 0.791 over seeds 0-2 against the user+item floor's
     0.7703. What mattered: the embedding tables' own lr (``embedding_lr``, +0.04 AUC); not dropout, nor
     a 256-event history, nor more than 4 epochs (validation AUC peaks at epoch 3-4).
     """

@@ -176,6 +176,13 @@ def test_cli_suite_selection():
         assert main(["bench", "--device", "cuda"]) == 2
 
 
+def test_a_modified_suite_is_named_after_the_closest_named_one():
+    assert bench.suite_name(SUITES["quick"]) == "quick"
+    assert bench.suite_name(SUITES["quick"].replace(threads=1)) == "quick (threads=1)"
+    far = SUITES["cpu"].replace(preset="nano", seq_len=3, reps=1, threads=5, warmup=9)
+    assert bench.suite_name(far) == "custom"
+
+
 def test_write_results_round_trip(result, tmp_path):
     pj, pm = write_results(result, tmp_path)
     assert pj.name == "nano.json" and pm.name == "nano.md"
