@@ -685,13 +685,13 @@ def _s_queries(sp: _SPath, x: torch.Tensor, h: torch.Tensor, k: torch.Tensor, v:
     return z + F.gelu(rms_norm(z, sp.norm2, sp.eps2) @ sp.w1) @ sp.w2  # X' = MixedFFN(RMSNorm(Z)) + Z
 
 
-@lru_cache(maxsize=64)
+@lru_cache(maxsize=16)
 def _tail_bias(m: int, ls: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """(m, Ls) additive mask of the last m queries of a causal window of Ls keys: 0 where query i may see
-    key j (j <= Ls - m + i), -inf elsewhere. Cached: an append builds the same few shapes again and again."""
+    key j (j <= Ls - m + i), -inf above that shifted diagonal. Cached (16 shapes, at most 4 MB at Ls = 1024):
+    once a user's window is full, Ls stays at max_len and appends of a few events repeat the same shapes."""
     with torch.inference_mode(False), torch.no_grad():  # a normal tensor, usable in any mode
-        allowed = torch.ones(m, ls, dtype=torch.bool, device=device).tril(ls - m)
-        return torch.zeros(m, ls, dtype=dtype, device=device).masked_fill(~allowed, float("-inf"))
+        return torch.full((m, ls), float("-inf"), dtype=dtype, device=device).triu(ls - m + 1)
 
 
 @torch.no_grad()
