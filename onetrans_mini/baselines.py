@@ -47,6 +47,7 @@ from .config import ModelConfig
 from .data.batching import check_batch
 from .features import Schema
 from .layers import MixedFFN, RMSNorm
+from .model import OneTrans, task_loss
 from .tokenizer import FeatureEmbeddings, SequenceTokenizer, Tokenizer, mlp, n_ns_tokens
 
 # ----------------------------------------------------------------------------------------------
@@ -72,11 +73,7 @@ class _Baseline(nn.Module):
     def forward(self, batch, targets: torch.Tensor | None = None):
         self.check_batch(batch)
         logits = self.logits(batch)  # (B, n_tasks)
-        if targets is None:
-            return logits, None
-        if targets.shape != logits.shape:
-            raise ValueError(f"targets must have shape (B, n_tasks)={tuple(logits.shape)}, got {tuple(targets.shape)}")
-        return logits, F.binary_cross_entropy_with_logits(logits, targets.to(logits.dtype))
+        return logits, task_loss(logits, targets)
 
     def logits(self, batch) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -456,8 +453,6 @@ def matched_config(name: str, onetrans_config: ModelConfig, schema: Schema, voca
 
     ``m = matched_config("din-dcnv2", get_preset("small"), schema, vocab); DinDcnV2(m.config, schema, vocab)``
     """
-    from .model import OneTrans  # lazy: keeps this module importable while model.py changes
-
     cls = baseline_class(name)
     target = count_params(OneTrans, onetrans_config, schema, vocab_sizes)
     goal = target["dense"]

@@ -11,9 +11,10 @@ printed side by side with the analytic FLOPs ratio.
 2. The reference shape of the best public implementation: 64 and 256 candidates over 128 events.
 3. User cache: append 8 events to a cached 256-event history, against a fresh Stage I of the
    264 events, both on ONE thread, like for like (an append always runs on one, and cost per core sets a
-   server's throughput; a second core speeds this Stage I up by about 1.4x on a quiet machine). Exact AND cheap in the 3-layer ``small`` preset with or without pyramid
-   (the only moving key window is the top layer's, which has no S queries); a 6-layer pyramid must
-   recompute the tails of layers 2..4 (their key windows moved), shown next to it.
+   server's throughput; a second core speeds this Stage I up by about 1.4x on a quiet machine). Exact
+   AND cheap in the 3-layer ``small`` preset with or without pyramid (the only moving key window is the
+   top layer's, which has no S queries); a 6-layer pyramid must recompute the tails of layers 2..4
+   (their key windows moved), shown next to it.
 
 On a shared machine, OpenMP threads that spin at every barrier while a peer thread is descheduled turn
 milliseconds into hundreds of them (a 10x spread between repetitions). The script therefore re-runs

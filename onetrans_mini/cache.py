@@ -98,6 +98,7 @@ from einops import rearrange
 
 from .attention import attend
 from .layers import rms_norm
+from .model import OneTrans, task_loss
 
 # ----------------------------------------------------------------------------------------------
 # 1. the request cache: Stage I once per request, Stage II per candidate
@@ -284,11 +285,7 @@ def forward_two_stage(model, batch, targets: torch.Tensor | None = None, impl: s
     x_s, s_real, x_ns = model.tokenizer(batch)  # (R, L_S, d), (R, L_S), (B, L_NS, d)
     cache = stage_one(model, x_s, s_real)
     logits = model.head(stage_two(model, cache, x_ns, batch.request_index, impl))  # (B, n_tasks)
-    if targets is None:
-        return logits, None
-    if targets.shape != logits.shape:
-        raise ValueError(f"targets must have shape (B, n_tasks)={tuple(logits.shape)}, got {tuple(targets.shape)}")
-    return logits, F.binary_cross_entropy_with_logits(logits, targets.to(logits.dtype))
+    return logits, task_loss(logits, targets)
 
 
 class RequestLevel(nn.Module):
@@ -310,8 +307,6 @@ class RequestLevel(nn.Module):
 
 def supports_request_level(model) -> bool:
     """True for models that ``RequestLevel`` can wrap: a causal OneTrans."""
-    from .model import OneTrans
-
     return isinstance(model, OneTrans) and model.config.causal
 
 

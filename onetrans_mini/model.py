@@ -164,6 +164,17 @@ class OneTransBlock(nn.Module):
 # 3. the model
 
 
+def task_loss(logits: torch.Tensor, targets: torch.Tensor | None) -> torch.Tensor | None:
+    """Mean binary cross-entropy of logits (B, n_tasks) against 0/1 targets of the same shape (None: no loss).
+    The mean over candidates and tasks is the mean over tasks of each task's mean BCE (same B for each)."""
+    if targets is None:
+        return None
+    if targets.shape != logits.shape:
+        raise ValueError(f"targets must have shape (B, n_tasks)={tuple(logits.shape)}, got {tuple(targets.shape)}")
+    return F.binary_cross_entropy_with_logits(logits, targets.to(logits.dtype))
+
+
+
 class OneTrans(nn.Module):
     """Tokenizer -> OneTrans blocks (pyramid) -> one tower per task over the final NS-token states.
 
@@ -242,12 +253,7 @@ class OneTrans(nn.Module):
     def forward(self, batch, targets: torch.Tensor | None = None):
         h_ns = self.encode(batch)  # (B, L_NS, d)
         logits = self.head(h_ns)  # (B, n_tasks)
-        if targets is None:
-            return logits, None
-        if targets.shape != logits.shape:
-            raise ValueError(f"targets must have shape (B, n_tasks)={tuple(logits.shape)}, got {tuple(targets.shape)}")
-        # mean over candidates and tasks = mean over tasks of each task's mean BCE (same B for each)
-        return logits, F.binary_cross_entropy_with_logits(logits, targets.to(logits.dtype))
+        return logits, task_loss(logits, targets)
 
     def encode(self, batch) -> torch.Tensor:
         """Final (normalized) NS-token states (B, L_NS, d) of the full forward."""
