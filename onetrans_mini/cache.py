@@ -68,13 +68,21 @@ Consequences (what ``UserCache.advance`` does):
 - ``causal=False`` (full-attention ablation): S-tokens see the candidate, no cache is possible: errors.
 
 Cost of an append: the FLOPs are O(new events) (8 of 264 events: ~4% of a fresh Stage I's S query
-positions), but at d=64 an append is bound by per-operation overhead: about 100 small tensor operations
-(the tokenizer, two layers with queries, the top layer's keys/values), each costing microseconds whatever
-its size. The incremental path is written for that: few-row work runs on ONE intra-op thread with ATen's
-own kernels (``_few_threads``: a thread wake-up or a oneDNN primitive set-up costs more than the work), the
-layers as functional ops on each block's tensors (``_SPath``), attention as one ``baddbmm`` with a cached
-additive mask. ``bench_cache`` (both sides on one thread): appending 8 events to 256 costs about 0.35 ms,
-17-19% of a fresh Stage I at ``small``, 13-14% at ``S`` (d=256) and 6% over 1,024 events.
+positions), but at d=64 an append is bound by per-operation overhead: about 90 small tensor operations
+(the tokenizer, two layers with queries, the top layer's keys/values), each costing a microsecond or more
+whatever its size. The incremental path is written for that:
+
+- few-row work runs on ONE intra-op thread with ATen's own kernels (``_few_threads``: a thread wake-up or
+  a oneDNN primitive set-up costs more than the work);
+- the layers run as functional ops on tensors prepared once per model (``_FastPath``): the tokenizer's
+  sequence MLPs side by side, each RMSNorm's gain folded into the projection after it, the key/value and
+  query projections in one matrix; rebuilt, and every cached state recomputed, when the weights change;
+- attention is one ``baddbmm`` with a cached additive mask; events are checked only when a lookup fails.
+
+``bench_cache`` (both sides on one thread, interleaved): appending 8 events to 256 costs about 0.28 ms,
+13-14% of a fresh Stage I at ``small`` without pyramid, 15% with it (the pyramid's Stage I is cheaper,
+the append the same), 13% at ``S`` (d=256) and 5% over 1,024 events. Run alone, back to back, an append
+costs about 0.22 ms: right after a Stage I it finds its code and weights out of the CPU's caches.
 
 ``mode="approx"`` reuses every previously computed state whatever moved (append-only reuse, as a plain
 append-only key/value store would): cheaper after truncations and at pyramid layers, not exact; the
@@ -83,11 +91,12 @@ serving replay reports how far its scores drift.
 
 from __future__ import annotations
 
+import itertools
 import math
+import operator
 import warnings
 import weakref
 from collections import OrderedDict
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import lru_cache
 
@@ -97,7 +106,6 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from .attention import attend
-from .layers import rms_norm
 from .model import OneTrans, task_loss
 
 # ----------------------------------------------------------------------------------------------
@@ -506,6 +514,7 @@ class UserCache:
     start: int = 0  # absolute window [start, end)
     end: int = 0
     last_time: float = float("-inf")
+    weights_id: int = -1  # the model weights the states were computed with (``_FastPath.weights_id``)
     layers: list[_LayerState] = field(default_factory=list)
 
     @property
@@ -537,7 +546,9 @@ class UserCache:
         if self.layers and (window.start < self.start or window.end < self.end):
             raise ValueError(f"window [{window.start}, {window.end}) does not extend the cached one [{self.start}, "
                              f"{self.end}): histories are append-only and their front only moves forward")
-        fresh = not self.layers or window.start >= self.end  # nothing cached is in the window
+        fp = _fast_path(model)
+        stale = bool(self.layers) and self.weights_id != fp.weights_id  # computed with other weights: recompute
+        fresh = not self.layers or window.start >= self.end or stale  # (or nothing cached is in the window)
         if not fresh:
             t_last = float(window.events.time[self.end - 1 - window.start])
             if t_last != self.last_time:
@@ -548,6 +559,8 @@ class UserCache:
         c_end = start if fresh else self.end  # cached positions: [start, c_end)
         # plan (integers only): per layer, the key window, the query positions and where recomputing starts
         plan, u = [], c_end  # u: first position whose layer input is new or changed (inputs before u are as cached)
+        info = {"computed": [], "reused": [], "window_moved": [], "fresh": fresh, "stale": stale}
+        rows = end - c_end  # the most rows any step computes
         for layer, q in enumerate(model.layer_queries):
             w = end - start if layer == 0 else model.layer_queries[layer - 1]
             k_start, x_start = max(start, end - w), max(start, end - q)  # key window, query positions
@@ -555,99 +568,196 @@ class UserCache:
             # layer's key window start did not move (approx: reuse whatever was computed before)
             moved = not fresh and k_start != self.layers[layer].kv.start
             r = x_start if (moved and not approx) else max(x_start, u)  # recompute the outputs of [r, end)
-            plan.append((u, r, k_start, x_start, q, moved))
+            plan.append((u, r, k_start, x_start, q))
+            info["computed"].append(end - r if q else 0)
+            info["reused"].append(r - x_start if q else 0)
+            info["window_moved"].append(moved)
+            rows = max(rows, end - max(k_start, u), end - r)
             u = r if q else end  # the next layer's inputs changed from r on (nothing above the top)
-        info = {"computed": [end - r if q else 0 for _, r, _, _, q, _ in plan],
-                "reused": [r - x_start if q else 0 for _, r, _, x_start, q, _ in plan],
-                "window_moved": [p[-1] for p in plan], "fresh": fresh}
         if fresh:
-            self.layers = [_LayerState() for _ in model.blocks]
-        rows = max([end - c_end] + [max(end - max(k_start, u), end - r) for u, r, k_start, _, _, _ in plan])
+            self.layers, self.weights_id = [_LayerState() for _ in model.blocks], fp.weights_id
         with _few_threads(rows):  # the largest computation decides (an append: a handful of rows throughout)
-            x_new = _tokenize(model, window.events.slice(c_end - start))  # (end - c_end, d)
-            for block, st, (u, r, k_start, x_start, q, _) in zip(model.blocks, self.layers, plan):
-                x_new = _advance_layer(_s_path(block), st, x_new, u, r, end, k_start, x_start, q)
+            x_new = _tokenize(model, fp, window.events.slice(c_end - start))  # (end - c_end, d)
+            for bp, st, (u, r, k_start, x_start, q) in zip(fp.blocks, self.layers, plan):
+                x_new = _advance_layer(bp, st, x_new, u, r, end, k_start, x_start, q)
         self.start, self.end = start, end
         if len(window.events):
             self.last_time = float(window.events.time[-1])
         return info
 
 
-class _SPath:
+class _BlockPath:
     """The S side of one ``OneTransBlock`` as plain tensors (eval: no dropout), for ``UserCache.advance``.
 
-    An append computes a handful of rows, where every module call and parameter lookup (a microsecond or
-    more each) costs as much as the maths: the incremental path runs functional ops on these tensors, the
-    same maths as ``OneTransBlock._update`` on S queries (tested against fresh Stage I and the full
-    forward)."""
+    Each RMSNorm gain is folded into the projection that follows it, so that a norm costs three small ops
+    (``_rms_scale``: 2.7 us on 8 x 64 rows here, where ``F.rms_norm`` takes 7.5 us)::
 
-    __slots__ = ("n_heads", "norm1", "eps1", "kv", "norm2", "eps2", "q", "o", "w1", "w2")
+        RMSNorm(x) @ W = (x * rsqrt(mean(x^2) + eps) * g) @ W = (x @ (g * sqrt(d) * W)) * rsqrt(|x|^2 + d eps)
+
+    and the key/value and query projections, which read the same normalized rows, are one matrix
+    ``[W_kv | W_q]`` (d, 3d). The top layer (no S queries) keeps only the key/value part."""
+
+    __slots__ = ("n_heads", "d", "d_eps1", "wqkv", "wkv", "wq", "d_eps2", "wo", "w1", "w2")
 
     def __init__(self, block):
-        attn = block.attn
-        self.n_heads, self.norm1, self.eps1, self.kv = attn.n_heads, block.norm1.weight, block.norm1.eps, attn.kv.weight
+        attn, d = block.attn, block.norm1.weight.shape[0]
+        self.n_heads, self.d = attn.n_heads, d
+        g1 = block.norm1.weight[:, None] * d**0.5  # (d, 1): norm1's gain, and sqrt(d) from the scale's form
+        self.d_eps1 = torch.tensor(d * block.norm1.eps, device=g1.device)  # fp32: see _rms_scale
         if block.has_s_queries:  # the top layer has no S-side query, output or FFN weights
-            self.norm2, self.eps2 = block.norm2.weight, block.norm2.eps
-            self.q, self.o, self.w1, self.w2 = attn.q.weight, attn.o.weight, block.ffn.w1.weight, block.ffn.w2.weight
+            self.wqkv = torch.cat([attn.kv.weight, attn.q.weight], 1) * g1  # (d, 3d): [k v | q]
+            self.wkv, self.wq = self.wqkv[:, : 2 * d], self.wqkv[:, 2 * d:]
+            self.d_eps2 = torch.tensor(d * block.norm2.eps, device=g1.device)
+            self.w1 = block.ffn.w1.weight * (block.norm2.weight[:, None] * d**0.5)  # (d, ffn): norm2 folded in
+            self.wo, self.w2 = attn.o.weight, block.ffn.w2.weight
+        else:
+            self.wqkv = self.wkv = attn.kv.weight * g1  # (d, 2d)
 
 
-_S_PATHS: "weakref.WeakKeyDictionary[nn.Module, _SPath]" = weakref.WeakKeyDictionary()
+def _rms_scale(x: torch.Tensor, d_eps: torch.Tensor) -> torch.Tensor:
+    """rsqrt(|x|^2 + d eps) (n, 1) of rows x (n, d): RMSNorm's 1 / rms(x), over sqrt(d), in three ops; in fp32
+    at least (``layers.rms_norm`` normalizes half types in fp32 too)."""
+    norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=torch.promote_types(x.dtype, torch.float32))
+    return torch.addcmul(d_eps, norm, norm).rsqrt_()
 
 
-def _s_path(block) -> _SPath:
-    """``_SPath(block)``, built once per block: looking its tensors up on every append costs ~8 us per layer, a
-    seventh of the whole append at d = 64. It holds the block's Parameter objects, whose VALUES training,
-    ``load_state_dict`` or ``.to()`` change in place (seen at once); if they are replaced by new objects
-    (``load_state_dict(..., assign=True)``), the changed key/value weight says so and it is rebuilt."""
-    sp = _S_PATHS.get(block)
-    if sp is None or sp.kv is not block.attn.kv.weight:
-        sp = _S_PATHS[block] = _SPath(block)
-    return sp
+class _FastPath:
+    """A model's S side prepared for ``UserCache.advance``: the tokenizer's event fields' tables and fused
+    MLPs (``SequenceTokenizer.fused_event_weights``) and one ``_BlockPath`` per block. The same maths as
+    the model (tested against fresh Stage I and the full forward).
+
+    An append computes a handful of rows, where every module call, parameter lookup and small op costs a
+    microsecond or more, as much as the maths: these tensors are built once and reused while the weights
+    stay the same. It holds every parameter an append reads (``params``) and their version counters, bumped
+    by any in-place change (optimizer steps, ``load_state_dict``); ``_fast_path(model)`` checks on every call
+    that the modules still hold these parameters (``load_state_dict(assign=True)`` replaces them), their
+    versions and where they are stored (``.to()``), and rebuilds when anything differs; each build has
+    a new ``weights_id``, which tells a ``UserCache`` that its states were computed with other weights.
+    Writes through ``.data`` (copying into it or assigning it) bypass all of this: call
+    ``forget_weights(model)`` after them."""
+
+    _ids = itertools.count()
+
+    def __init__(self, model):
+        tok = model.tokenizer
+        self.sources = [(mod._parameters, name) for mod, name in _s_side_params(model)]
+        self.params = [d[n] for d, n in self.sources]
+        self.versions = _versions(self.params)
+        if self.versions is None:
+            warnings.warn("the model's parameters are inference tensors (created under torch.inference_mode), which "
+                          "keep no version counter: the user cache cannot tell whether they changed, so it recomputes "
+                          "every user's state on every request. Create or load the model outside inference_mode.",
+                          stacklevel=4)
+        self.weights_id = next(_FastPath._ids)
+        with torch.no_grad():
+            self.event_mlp = tok.seq.fused_event_weights(tok.embeddings)
+            self.blocks = [_BlockPath(b) for b in model.blocks]
+
+    def current(self) -> bool:
+        """Whether the source parameters are the same objects with the same values as when built."""
+        now = [d.get(n) for d, n in self.sources]  # a replaced Parameter object (load_state_dict(assign=True))
+        return self.versions is not None and all(map(operator.is_, now, self.params)) and _versions(now) == self.versions
 
 
-def _advance_layer(sp: _SPath, st: _LayerState, x_new, u: int, r: int, end: int, k_start: int, x_start: int, q: int):
+def _s_side_params(model):
+    """(module, parameter name) of every weight an append reads: the tokenizer's S side and each block's
+    S-side weights (not the NS-tokens' token-specific ones, which live in the same modules)."""
+    tok = model.tokenizer
+    for f in tok.seq.fields:
+        yield tok.embeddings.tables[tok.embeddings.owner[f]], "weight"
+    for lin1, _, lin2 in tok.seq.mlps:
+        yield from ((lin1, "weight"), (lin1, "bias"), (lin2, "weight"), (lin2, "bias"))
+    yield tok.seq.type_emb, "weight"
+    for b in model.blocks:
+        yield from ((b.norm1, "weight"), (b.attn.kv, "weight"))
+        if b.has_s_queries:
+            yield from ((b.attn.q, "weight"), (b.attn.o, "weight"), (b.norm2, "weight"), (b.ffn.w1, "weight"),
+                        (b.ffn.w2, "weight"))
+
+
+def _versions(params):
+    """The version counter of each parameter (bumped by any in-place change: optimizer steps,
+    ``load_state_dict``) and the storage address of the first (``.to()`` moves them all); None for inference
+    tensors (created under ``torch.inference_mode``), which keep no version counter: such a model is
+    re-prepared on every call."""
+    try:
+        return [p._version for p in params], params[0].data_ptr()
+    except RuntimeError:
+        return None
+
+
+_FAST_PATHS: "weakref.WeakKeyDictionary[nn.Module, _FastPath]" = weakref.WeakKeyDictionary()
+
+
+def _fast_path(model) -> _FastPath:
+    """``_FastPath(model)``, rebuilt only when its weights changed (at ``small``: 3 us to check, 160 us to
+    build)."""
+    fp = _FAST_PATHS.get(model)
+    if fp is None or not fp.current():
+        fp = _FAST_PATHS[model] = _FastPath(model)
+    return fp
+
+
+def forget_weights(model) -> None:
+    """Drop what the user cache prepared from ``model``'s weights: the next append rebuilds it and recomputes
+    every cached user state. Needed only after writing weights through ``.data`` (which no version counter
+    sees); training steps, ``load_state_dict`` (also with ``assign=True``) and ``.to()`` are noticed."""
+    _FAST_PATHS.pop(model, None)
+
+
+def _advance_layer(bp: _BlockPath, st: _LayerState, x_new, u: int, r: int, end: int, k_start: int, x_start: int, q: int):
     """One layer of ``UserCache.advance``. ``x_new``: this layer's inputs of ``[u, end)`` (new or changed);
     the cached inputs before u are exact. Updates the layer's keys/values (window ``[k_start, end)``) and
     query inputs (``[x_start, end)``), and returns its outputs of ``[r, end)`` (the next layer's new inputs)."""
+    d = bp.d
     # keys/values: cached rows [k_start, u) stay exact (their inputs did not change), new rows from x_new
-    h_add = rms_norm(x_new[max(k_start, u) - u:], sp.norm1, sp.eps1)  # (n_add, d)
-    kv_add = _heads(h_add @ sp.kv, 2, sp.n_heads)  # (2, H, n_add, hd)
-    if r >= u:  # the pure append: only new rows are queries
-        xq, h_q = x_new[r - u:], h_add[len(h_add) - (end - r):]
-    else:  # recompute from the cached inputs of [r, u) too
-        xq = torch.cat([st.x.view(r, u), x_new])
-        h_q = rms_norm(xq, sp.norm1, sp.eps1)
-    st.kv.update(k_start, max(k_start, u), kv_add)  # (2, H, end - k_start, hd)
+    a = max(k_start, u)
+    x_add = x_new if a == u else x_new[a - u:]  # (n_add, d)
+    if q and r == a:  # the pure append: the new rows are exactly the queries; one matmul for K, V and Q
+        y = torch.mm(x_add, bp.wqkv).mul_(_rms_scale(x_add, bp.d_eps1))  # (n_add, 3d) = norm1(x) @ [W_kv | W_q]
+        kv_add, xq, q_rows = y[:, : 2 * d], x_add, y[:, 2 * d:]
+    else:
+        kv_add = torch.mm(x_add, bp.wkv).mul_(_rms_scale(x_add, bp.d_eps1))  # (n_add, 2d)
+        if q:  # recompute from the cached inputs of [r, u) too (r < u), or fewer queries than new rows (r > u)
+            xq = torch.cat([st.x.view(r, u), x_new]) if r < u else x_new[r - u:]
+            q_rows = torch.mm(xq, bp.wq).mul_(_rms_scale(xq, bp.d_eps1))  # (end - r, d)
+    st.kv.update(k_start, a, _heads(kv_add, 2, bp.n_heads))  # (2, H, end - k_start, hd)
     if not q:  # the top layer: keys/values only
-        return xq[:0]
+        return None
     st.x.update(x_start, r, xq)  # (end - x_start, d)
     if not len(xq):
         return xq
-    kv = st.kv.view()
-    return _s_queries(sp, xq, h_q, kv[0], kv[1])  # (end - r, d)
+    k, v = st.kv.view().unbind(0)  # (H, end - k_start, hd) each
+    q_heads = q_rows.view(len(xq), bp.n_heads, -1).transpose(0, 1)  # (H, end - r, hd)
+    return _s_queries(bp, xq, q_heads, k, v)  # (end - r, d)
 
 
 SMALL_WORK_ROWS = 32  # at most this many rows: one intra-op thread and ATen's own kernels (see _few_threads)
 
 
-@contextmanager
-def _few_threads(rows: int):
-    """Run a few-row computation on one intra-op thread, with oneDNN off. An append touches a handful of
-    rows, and two fixed costs dwarf such work: with more threads every parallel region pays a wake-up (tens of
-    microseconds, far more on a busy machine), and oneDNN (which PyTorch's CPU build uses for GELU, among
-    others) sets up a primitive per call (GELU of 8 x 256 values: about 6 us through oneDNN, 1.5 us
-    without). Both settings are global and restored on exit."""
-    if rows > SMALL_WORK_ROWS:
-        yield
-        return
-    threads, onednn = torch.get_num_threads(), torch.backends.mkldnn.enabled
-    torch.set_num_threads(1)
-    torch.backends.mkldnn.enabled = False
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-        torch.backends.mkldnn.enabled = onednn
+class _few_threads:
+    """``with _few_threads(rows):`` runs a few-row computation on one intra-op thread, with oneDNN off. An
+    append touches a handful of rows, and two fixed costs dwarf such work: with more threads every parallel
+    region pays a wake-up (tens of microseconds, far more on a busy machine), and oneDNN (which PyTorch's CPU
+    build uses for GELU, among others) sets up a primitive per call (GELU of 8 x 256 values: about 6 us
+    through oneDNN, 1.5 us without). Both settings are global and restored on exit. (A class, not a
+    generator-based context manager: that costs a microsecond more per append.)"""
+
+    __slots__ = ("few", "saved")
+
+    def __init__(self, rows: int):
+        self.few = rows <= SMALL_WORK_ROWS
+
+    def __enter__(self):
+        if self.few:
+            self.saved = torch.get_num_threads(), torch.backends.mkldnn.enabled
+            torch.set_num_threads(1)
+            torch.backends.mkldnn.enabled = False
+
+    def __exit__(self, *exc):
+        if self.few:
+            torch.set_num_threads(self.saved[0])
+            torch.backends.mkldnn.enabled = self.saved[1]
 
 
 SDPA_MIN_QUERIES = 64  # fewer S queries than this: the explicit softmax (the fused CPU kernel's set-up dominates)
@@ -659,15 +769,15 @@ def _heads(y: torch.Tensor, n: int, n_heads: int) -> torch.Tensor:
     return y.view(length, n, n_heads, width // (n * n_heads)).permute(1, 2, 0, 3)
 
 
-def _s_queries(sp: _SPath, x: torch.Tensor, h: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+def _s_queries(bp: _BlockPath, x: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """The S path of ``OneTransBlock`` (eval: no dropout) for the LAST m positions of a key window of one
-    user, all keys real: x, h = norm1(x) (m, d); k, v (H, Ls, hd) -> layer outputs (m, d).
+    user, all keys real: inputs x (m, d), their queries q (H, m, hd); keys, values (H, Ls, hd) -> layer
+    outputs (m, d).
 
     The same maths as ``OneTransBlock._update`` on S queries (tested against the model's forward), with the
     mask built directly: queries are the window's last m positions, so query i sees keys ``<= Ls - m + i``
     (a shifted lower triangle)."""
     m, ls = x.shape[0], k.shape[1]
-    q = _heads(h @ sp.q, 1, sp.n_heads)[0]  # (H, m, hd)
     if m < SDPA_MIN_QUERIES:
         # attend()'s explicit softmax in three ops: the mask as an additive bias (0 / -inf), added in the matmul
         bias = _tail_bias(m, ls, x.dtype, x.device)  # (m, Ls), broadcast over heads
@@ -676,8 +786,9 @@ def _s_queries(sp: _SPath, x: torch.Tensor, h: torch.Tensor, k: torch.Tensor, v:
     else:
         mask = torch.ones(m, ls, dtype=torch.bool, device=x.device).tril(ls - m)  # (m, Ls)
         o = attend(q[None], k[None], v[None], mask[None, None])[0][0]  # (H, m, hd)
-    z = x + o.transpose(0, 1).reshape(m, -1) @ sp.o  # Z = MixedMHA(RMSNorm(X)) + X
-    return z + F.gelu(rms_norm(z, sp.norm2, sp.eps2) @ sp.w1) @ sp.w2  # X' = MixedFFN(RMSNorm(Z)) + Z
+    z = torch.addmm(x, o.transpose(0, 1).reshape(m, -1), bp.wo)  # Z = MixedMHA(RMSNorm(X)) + X
+    hidden = F.gelu(torch.mm(z, bp.w1).mul_(_rms_scale(z, bp.d_eps2)))  # (m, ffn) = GELU(RMSNorm(Z) @ W1)
+    return torch.addmm(z, hidden, bp.w2)  # X' = MixedFFN(RMSNorm(Z)) + Z
 
 
 @lru_cache(maxsize=16)
@@ -705,19 +816,33 @@ def fresh_stage_one(model, window: Window) -> RequestCache:
 
 
 def _check_events(model, events: Events) -> None:
-    seq = model.tokenizer.seq
+    """Clear errors for events the tokenizer cannot read: a missing field, a seq_type outside the schema's
+    sequences, an id outside its field's vocabulary."""
+    seq, emb = model.tokenizer.seq, model.tokenizer.embeddings
     missing = [f for f in seq.fields if f not in events.fields]
     if missing:
         raise ValueError(f"events lack event field(s) {missing}; expected {list(seq.fields)}")
-    lo, hi = torch.aminmax(events.seq_type) if len(events) else (1, 1)
-    if int(lo) < 1 or int(hi) > seq.n_sequences:
-        raise ValueError(f"events: seq_type must be in 1..{seq.n_sequences} (the schema's sequences)")
+    if not len(events):
+        return
+    lo, hi = (int(t) for t in torch.aminmax(events.seq_type))
+    if lo < 1 or hi > seq.n_sequences:
+        raise ValueError(f"events: seq_type must be in 1..{seq.n_sequences} (the schema's sequences), got range [{lo}, {hi}]")
+    for name in seq.fields:
+        n = emb.tables[emb.owner[name]].num_embeddings
+        lo, hi = (int(t) for t in torch.aminmax(events.fields[name]))
+        if lo < 0 or hi >= n:
+            raise ValueError(f"events: field {name!r}: ids must be in [0, {n}) (its vocabulary size), got range [{lo}, {hi}]")
 
 
-def _tokenize(model, events: Events) -> torch.Tensor:
-    """S-tokens (n, d) of events, each depending on its own event only (timestamp-aware merge)."""
-    _check_events(model, events)
-    return model.tokenizer.seq.event_tokens(model.tokenizer.embeddings, events.fields, events.seq_type)  # (n, d)
+def _tokenize(model, fp: _FastPath, events: Events) -> torch.Tensor:
+    """S-tokens (n, d) of events, each depending on its own event only (timestamp-aware merge). Bad events
+    fail the tokenizer's lookups, and only then are they checked, so that the error says what is wrong (a
+    check up front would cost every append a few microseconds)."""
+    try:
+        return model.tokenizer.seq.event_tokens(None, events.fields, events.seq_type, fp.event_mlp)  # (n, d)
+    except (KeyError, IndexError):
+        _check_events(model, events)  # raises the clear error
+        raise
 
 
 @dataclass
@@ -725,6 +850,7 @@ class CacheStats:
     hits: int = 0  # requests served from a cached user state (only the changes computed)
     misses: int = 0  # requests that ran a fresh Stage I (user never seen, evicted, or fallback)
     evictions: int = 0
+    stale: int = 0  # misses of cached users whose state was computed with other model weights (recomputed)
     truncations: int = 0  # hits whose window front moved (layer 0 recomputed from cached tokens/keys)
     pyramid_recomputes: int = 0  # hits where a layer >= 2 recomputed outputs because its key window moved
     fallbacks: int = 0  # requests where exact reuse is impossible (timestamp-agnostic merge)
@@ -804,6 +930,7 @@ class UserCacheStore:
         info = uc.advance(model, window, approx=self.mode == "approx")
         if info["fresh"]:
             st.misses += 1
+            st.stale += info["stale"]
         else:
             st.hits += 1
             st.truncations += bool(info["window_moved"][0])

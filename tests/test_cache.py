@@ -19,6 +19,7 @@ from onetrans_mini.cache import (
     Window,
     forward_per_candidate,
     forward_two_stage,
+    forget_weights,
     fresh_stage_one,
     score,
     stage_one,
@@ -356,6 +357,35 @@ def test_out_of_order_events_are_rejected():
         uc.advance(model, Window(ev.slice(0, 2), 0))
 
 
+@pytest.mark.parametrize("field,value,message", [
+    ("seq_type", 0, r"seq_type must be in 1..2 .*got range \[0, [12]\]"),
+    ("seq_type", 3, r"seq_type must be in 1..2 .*got range \[[12], 3\]"),
+    ("hist_item", 23, r"field 'hist_item': ids must be in \[0, 23\)"),
+    ("hist_gap", -1, r"field 'hist_gap': ids must be in \[0, "),
+])
+def test_appending_bad_events_names_the_field(field, value, message):
+    """The append path checks events only when the tokenizer's lookups fail; the error must still name the
+    field and the expected range, for a new user and for an append alike."""
+    model = make_model()
+    s = Stream()
+    good, bad = s.events(6), s.events(2)
+    (bad.seq_type if field == "seq_type" else bad.fields[field])[-1] = value
+    with pytest.raises(ValueError, match=message):
+        UserCache().advance(model, Window(bad, 0))
+    uc = UserCache()
+    uc.advance(model, Window(good, 0))
+    with pytest.raises(ValueError, match=message):
+        uc.advance(model, Window(Events.cat([good, bad]), 0))
+
+
+def test_appending_events_without_a_field_names_it():
+    model = make_model()
+    ev = Stream().events(3)
+    del ev.fields["hist_genre"]
+    with pytest.raises(ValueError, match=r"lack event field\(s\) \['hist_genre'\]"):
+        UserCache().advance(model, Window(ev, 0))
+
+
 def test_server_modes_agree_and_empty_requests():
     model = make_model(tiny_config(n_layers=4))
     s = Stream()
@@ -422,6 +452,92 @@ def test_request_level_wrapper_equals_two_stage_and_full_forward():
     ref_loss.backward()
     for a, p in zip(g, model.parameters()):
         torch.testing.assert_close(a, p.grad, atol=1e-5, rtol=1e-4)
+
+
+def _appended(model, uc, ev, ns):
+    """Advance ``uc`` to the window of events ``ev`` and score candidates ``ns`` over it."""
+    uc.advance(model, Window(ev, 0))
+    return score(model, uc.request_cache(), ns, torch.zeros(len(next(iter(ns.values()))), dtype=torch.long))
+
+
+def _weight_changes():
+    """(name, change) pairs: each changes the model's weights in one way a user can."""
+    def optimizer_step(m):
+        opt = torch.optim.SGD(m.parameters(), lr=0.5)
+        for p in m.parameters():
+            p.grad = torch.randn_like(p)
+        opt.step()
+
+    def load_values(m):
+        m.load_state_dict(make_model(tiny_config(), seed=1).state_dict())
+
+    def load_assign(m):
+        m.load_state_dict(make_model(tiny_config(), seed=1).state_dict(), assign=True)
+
+    def one_norm_gain(m):  # a single S-side weight: the top layer's norm in front of its keys/values
+        with torch.no_grad():
+            m.blocks[-1].norm1.weight.mul_(3.0)
+
+    def to_float64(m):
+        m.double()
+
+    return [("optimizer_step", optimizer_step), ("load_state_dict", load_values),
+            ("load_state_dict(assign=True)", load_assign), ("one norm gain", one_norm_gain), (".double()", to_float64)]
+
+
+@pytest.mark.parametrize("name,change", _weight_changes(), ids=[n for n, _ in _weight_changes()])
+def test_user_cache_recomputes_states_after_the_weights_change(name, change):
+    """The append path prepares tensors from the weights (fused, with norm gains folded in) and every cached
+    state was computed with them: after any change to the weights, the next append must use the new weights
+    everywhere (it recomputes the user's state, and says so), and the store counts it."""
+    model = make_model()
+    s = Stream()
+    ev = s.events(12)
+    ns = make_batch(1, (3,), seed=1).ns
+    store = UserCacheStore(model, max_bytes=1 << 30)
+    with torch.no_grad():
+        store.request_cache("u", Window(ev.slice(0, 8), 0))
+        change(model)
+        rc = store.request_cache("u", Window(ev, 0))
+        got = score(model, rc, ns, torch.zeros(3, dtype=torch.long))
+        want = _reference(model, Window(ev, 0), ns)
+    assert got.dtype == want.dtype and max_diff(got, want) <= TOL
+    assert store.stats.stale == 1 and store.stats.misses == 2 and store.stats.hits == 0
+    with torch.no_grad():  # and the states computed with the new weights are reused again
+        rc = store.request_cache("u", Window(Events.cat([ev, s.events(3)]), 0))
+    assert store.stats.hits == 1 and store.stats.stale == 1
+
+
+def test_weights_written_through_data_need_forget_weights():
+    """``.data`` writes bypass version counters: ``forget_weights`` is the documented way to say so."""
+    model = make_model()
+    s = Stream()
+    ev = s.events(12)
+    ns = make_batch(1, (3,), seed=1).ns
+    uc = UserCache()
+    with torch.no_grad():
+        uc.advance(model, Window(ev.slice(0, 8), 0))
+        model.blocks[0].attn.kv.weight.data.mul_(2.0)  # invisible to the version counter
+        forget_weights(model)
+        got = _appended(model, uc, ev, ns)
+        assert max_diff(got, _reference(model, Window(ev, 0), ns)) <= TOL
+
+
+def test_user_cache_of_a_model_built_in_inference_mode():
+    """Inference tensors keep no version counter: every append then recomputes the user's state (exact, not
+    cheap), and a warning says why and what to do."""
+    with torch.inference_mode():
+        model = make_model()
+        s = Stream()
+        ev = s.events(12)
+        ns = make_batch(1, (3,), seed=1).ns
+        uc = UserCache()
+        with pytest.warns(UserWarning, match="inference tensors.*outside inference_mode"):
+            uc.advance(model, Window(ev.slice(0, 8), 0))
+            info = uc.advance(model, Window(ev, 0))
+        got = score(model, uc.request_cache(), ns, torch.zeros(3, dtype=torch.long))
+        assert max_diff(got, _reference(model, Window(ev, 0), ns)) <= TOL
+    assert info["fresh"] and info["stale"]
 
 
 def test_user_cache_sees_weights_replaced_by_new_parameter_objects():
