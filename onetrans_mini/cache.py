@@ -79,9 +79,9 @@ whatever its size. The incremental path is written for that:
   query projections in one matrix; rebuilt, and every cached state recomputed, when the weights change;
 - attention is one ``baddbmm`` with a cached additive mask; events are checked only when a lookup fails.
 
-``bench_cache`` (both sides on one thread, interleaved): appending 8 events to 256 costs about 0.28 ms,
+``bench_cache`` (both sides on one thread, interleaved): appending 8 events to 256 costs about 0.3 ms,
 13-14% of a fresh Stage I at ``small`` without pyramid, 15% with it (the pyramid's Stage I is cheaper,
-the append the same), 13% at ``S`` (d=256) and 5% over 1,024 events. Run alone, back to back, an append
+the append the same), 12-13% at ``S`` (d=256) and 5% over 1,024 events. Run alone, back to back, an append
 costs about 0.22 ms: right after a Stage I it finds its code and weights out of the CPU's caches.
 
 ``mode="approx"`` reuses every previously computed state whatever moved (append-only reuse, as a plain
