@@ -105,8 +105,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
+from torch.nn.modules.module import (register_module_module_registration_hook,
+                                     register_module_parameter_registration_hook)
+from torch.nn.utils import parametrize
 
 from .attention import attend
+from .layers import RMSNorm
 from .model import OneTrans, task_loss
 
 # ----------------------------------------------------------------------------------------------
@@ -544,6 +548,9 @@ class UserCache:
         computed before. Returns counts: positions computed / reused per layer, and whether a window moved."""
         if model.config.seq_merge != "timestamp_aware":
             raise ValueError("UserCache needs prefix-stable S-tokens (seq_merge='timestamp_aware'); use fresh_stage_one")
+        if model.training and model.config.dropout > 0:
+            raise ValueError("UserCache computes the model in eval mode (no dropout), for serving: call model.eval() "
+                             f"first (the model is in training mode with dropout={model.config.dropout})")
         if self.layers and (window.start < self.start or window.end < self.end):
             raise ValueError(f"window [{window.start}, {window.end}) does not extend the cached one [{self.start}, "
                              f"{self.end}): histories are append-only and their front only moves forward")
@@ -575,10 +582,10 @@ class UserCache:
             info["window_moved"].append(moved)
             rows = max(rows, end - max(k_start, u), end - r)
             u = r if q else end  # the next layer's inputs changed from r on (nothing above the top)
-        if fresh:
-            self.layers, self.weights_id = [_LayerState() for _ in model.blocks], fp.weights_id
         with _few_threads(rows):  # the largest computation decides (an append: a handful of rows throughout)
-            x_new = _tokenize(model, fp, window.events, c_end - start)  # (end - c_end, d)
+            x_new = _tokenize(model, fp, window.events, c_end - start)  # (end - c_end, d); bad events raise here
+            if fresh:  # (only now: a failed tokenization leaves the cached state as it was)
+                self.layers, self.weights_id = [_LayerState() for _ in model.blocks], fp.weights_id
             for bp, st, (u, r, k_start, x_start, q) in zip(fp.blocks, self.layers, plan):
                 x_new = _advance_layer(bp, st, x_new, u, r, end, k_start, x_start, q)
         self.start, self.end = start, end
@@ -629,35 +636,70 @@ class _FastPath:
 
     An append computes a handful of rows, where every module call, parameter lookup and small op costs a
     microsecond or more, as much as the maths: these tensors are built once and reused while the weights
-    stay the same. It holds every parameter an append reads (``params``) and their version counters, bumped
-    by any in-place change (optimizer steps, ``load_state_dict``); ``_fast_path(model)`` checks on every call
-    that the modules still hold these parameters (``load_state_dict(assign=True)`` replaces them), their
-    versions and where they are stored (``.to()``), and rebuilds when anything differs; each build has
-    a new ``weights_id``, which tells a ``UserCache`` that its states were computed with other weights.
-    Writes through ``.data`` (copying into it or assigning it) bypass all of this: call
-    ``forget_weights(model)`` after them."""
+    stay the same (a second copy of the S-side projections per model, which a store's ``max_bytes`` does
+    not count). ``_fast_path(model)`` checks on every call, and rebuilds when anything differs, that
+
+    - every parameter an append reads (``params``) has the same version counter (bumped by any in-place
+      change: optimizer steps, ``load_state_dict``) and storage (``.to()``, ``.half()`` move it);
+    - the model still holds these parameters, in these modules: after any module anywhere registered a
+      submodule or a parameter (``load_state_dict(assign=True)``, ``model.blocks[0].attn = ...``; counted by
+      global hooks, ``_REGISTRATIONS``), it walks the model once more to compare;
+    - the norms' ``eps`` are the same.
+
+    Each build has a new ``weights_id``, which tells a ``UserCache`` that its states were computed with
+    other weights. Not seen: writes through ``.data`` (copying into it or assigning it), which bypass version
+    counters; call ``forget_weights(model)`` after them. Inference tensors (a model created under
+    ``torch.inference_mode``) and parametrized weights (``torch.nn.utils.parametrize``) keep no usable
+    version: such a model is prepared again on every call, with a warning."""
 
     _ids = itertools.count()
 
     def __init__(self, model):
         tok = model.tokenizer
-        self.sources = [(mod._parameters, name) for mod, name in _s_side_params(model)]
-        self.params = [d[n] for d, n in self.sources]
-        self.versions = _versions(self.params)
+        self.registrations = _REGISTRATIONS[0]
+        sources = list(_s_side_params(model))
+        self.params = [getattr(mod, name) for mod, name in sources]  # getattr: parametrized weights too
+        self.norms = [mod for mod, name in sources if isinstance(mod, RMSNorm)]
+        self.eps = [m.eps for m in self.norms]
+        parametrized = any(parametrize.is_parametrized(mod, name) for mod, name in sources)
+        self.versions = None if parametrized else _versions(self.params)
         if self.versions is None:
-            warnings.warn("the model's parameters are inference tensors (created under torch.inference_mode), which "
-                          "keep no version counter: the user cache cannot tell whether they changed, so it recomputes "
-                          "every user's state on every request. Create or load the model outside inference_mode.",
+            warnings.warn("the model's S-side weights are inference tensors (created under torch.inference_mode) or "
+                          "parametrized (torch.nn.utils.parametrize): the user cache cannot tell whether they changed, "
+                          "so it recomputes every user's state on every request. Create or load the model outside "
+                          "inference_mode, and remove parametrizations (parametrize.remove_parametrizations) to serve.",
                           stacklevel=4)
         self.weights_id = next(_FastPath._ids)
         with torch.no_grad():
             self.event_mlp = tok.seq.fused_event_weights(tok.embeddings)
             self.blocks = [_BlockPath(b) for b in model.blocks]
 
-    def current(self) -> bool:
-        """Whether the source parameters are the same objects with the same values as when built."""
-        now = [d.get(n) for d, n in self.sources]  # a replaced Parameter object (load_state_dict(assign=True))
-        return self.versions is not None and all(map(operator.is_, now, self.params)) and _versions(now) == self.versions
+    def current(self, model) -> bool:
+        """Whether the model holds the same parameters, with the same values, as when this was built."""
+        if self.versions is None or _versions(self.params) != self.versions or [m.eps for m in self.norms] != self.eps:
+            return False
+        if self.registrations != _REGISTRATIONS[0]:  # a parameter or submodule was registered somewhere: ours?
+            now = [getattr(mod, name) for mod, name in _s_side_params(model)]
+            if len(now) != len(self.params) or not all(map(operator.is_, now, self.params)):
+                return False
+            self.norms = [mod for mod, _ in _s_side_params(model) if isinstance(mod, RMSNorm)]
+            if [m.eps for m in self.norms] != self.eps:
+                return False
+            self.registrations = _REGISTRATIONS[0]
+        return True
+
+
+# Every registration of a parameter or submodule in any module (setattr, load_state_dict(assign=True),
+# ModuleList/ModuleDict items) bumps this: a fast path then checks that its model still holds its parameters.
+_REGISTRATIONS = [0]
+
+
+def _count_registration(*_):
+    _REGISTRATIONS[0] += 1  # returns None: the hooks change nothing
+
+
+register_module_parameter_registration_hook(_count_registration)
+register_module_module_registration_hook(_count_registration)
 
 
 def _s_side_params(model):
@@ -676,13 +718,14 @@ def _s_side_params(model):
                         (b.ffn.w2, "weight"))
 
 
+_version_of = operator.attrgetter("_version")
+
+
 def _versions(params):
-    """The version counter of each parameter (bumped by any in-place change: optimizer steps,
-    ``load_state_dict``) and the storage address of the first (``.to()`` moves them all); None for inference
-    tensors (created under ``torch.inference_mode``), which keep no version counter: such a model is
-    re-prepared on every call."""
+    """The version counters and the storage addresses of the parameters; None for inference tensors (created
+    under ``torch.inference_mode``), which keep no version counter."""
     try:
-        return [p._version for p in params], params[0].data_ptr()
+        return list(map(_version_of, params)), list(map(torch.Tensor.data_ptr, params))
     except RuntimeError:
         return None
 
@@ -691,10 +734,10 @@ _FAST_PATHS: "weakref.WeakKeyDictionary[nn.Module, _FastPath]" = weakref.WeakKey
 
 
 def _fast_path(model) -> _FastPath:
-    """``_FastPath(model)``, rebuilt only when its weights changed (at ``small``: 3 us to check, 160 us to
+    """``_FastPath(model)``, rebuilt only when its weights changed (at ``small``: 4 us to check, 160 us to
     build)."""
     fp = _FAST_PATHS.get(model)
-    if fp is None or not fp.current():
+    if fp is None or not fp.current(model):
         fp = _FAST_PATHS[model] = _FastPath(model)
     return fp
 
@@ -702,7 +745,8 @@ def _fast_path(model) -> _FastPath:
 def forget_weights(model) -> None:
     """Drop what the user cache prepared from ``model``'s weights: the next append rebuilds it and recomputes
     every cached user state. Needed only after writing weights through ``.data`` (which no version counter
-    sees); training steps, ``load_state_dict`` (also with ``assign=True``) and ``.to()`` are noticed."""
+    sees); training steps, ``load_state_dict`` (also with ``assign=True``), ``.to()`` and replaced modules
+    are noticed."""
     _FAST_PATHS.pop(model, None)
 
 
@@ -723,8 +767,8 @@ def _advance_layer(bp: _BlockPath, st: _LayerState, x_new, u: int, r: int, end: 
             xq = torch.cat([st.x.view(r, u), x_new]) if r < u else x_new[r - u:]
             q_rows = torch.mm(xq, bp.wq).mul_(_rms_scale(xq, bp.d_eps1))  # (end - r, d)
     st.kv.update(k_start, a, _heads(kv_add, 2, bp.n_heads))  # (2, H, end - k_start, hd)
-    if not q:  # the top layer: keys/values only
-        return None
+    if not q:  # the top layer: keys/values only (and any layer above it, in a schedule ending in several 0s)
+        return x_new[:0]
     st.x.update(x_start, r, xq)  # (end - x_start, d)
     if not len(xq):
         return xq
@@ -836,9 +880,12 @@ def _check_events(model, events: Events) -> None:
 
 
 def _tokenize(model, fp: _FastPath, events: Events, first: int) -> torch.Tensor:
-    """S-tokens (n, d) of ``events[first:]``, each depending on its own event only (timestamp-aware merge). Bad events
-    fail the tokenizer's lookups, and only then are they checked, so that the error says what is wrong (a
-    check up front would cost every append a few microseconds)."""
+    """S-tokens (n, d) of ``events[first:]``, each depending on its own event only (timestamp-aware merge). On
+    CPU, bad events fail the tokenizer's lookups, and only then are they checked, so that the error says what is
+    wrong (a check up front would cost every append a few microseconds); on other devices they are checked
+    first (an out-of-range index there is a device-side assert that spoils the device context)."""
+    if events.seq_type.device.type != "cpu":  # elsewhere a bad index is a device-side assert, not an IndexError
+        _check_events(model, events.slice(first))
     fields = {name: ids[first:] for name, ids in events.fields.items()}
     try:
         return model.tokenizer.seq.event_tokens(None, fields, events.seq_type[first:], fp.event_mlp)  # (n, d)

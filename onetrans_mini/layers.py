@@ -33,8 +33,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     few-row path calls it on plain tensors, where a module call costs as much as the maths)."""
     if x.dtype == torch.float32:  # the same maths in one fused op (tested equal to the lines below)
         return F.rms_norm(x, (x.shape[-1],), weight, eps)
-    # normalize in fp32 even under autocast: the mean of squares loses precision in half types
-    xf = x.float()
+    # normalize in fp32 at least, even under autocast: the mean of squares loses precision in half types
+    xf = x.to(torch.promote_types(x.dtype, torch.float32))
     y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     return y.to(x.dtype) * weight
 

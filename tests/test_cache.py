@@ -481,8 +481,29 @@ def _weight_changes():
     def to_float64(m):
         m.double()
 
+    def replaced_submodule(m):  # a whole module swapped for another with other weights
+        m.blocks[0].attn.kv = make_model(tiny_config(), seed=1).blocks[0].attn.kv
+
+    def replaced_block(m):
+        m.blocks[1] = make_model(tiny_config(), seed=1).blocks[1]
+
+    def replaced_table(m):
+        other = make_model(tiny_config(), seed=1).tokenizer.embeddings.tables
+        for name in m.tokenizer.embeddings.tables:
+            m.tokenizer.embeddings.tables[name] = other[name]
+
+    def blocks_round_trip_through_half(m):  # .to() on a submodule: new storage, rounded values
+        m.blocks.half()
+        m.blocks.float()
+
+    def norm_eps(m):
+        m.blocks[0].norm2.eps = 0.5
+
     return [("optimizer_step", optimizer_step), ("load_state_dict", load_values),
-            ("load_state_dict(assign=True)", load_assign), ("one norm gain", one_norm_gain), (".double()", to_float64)]
+            ("load_state_dict(assign=True)", load_assign), ("one norm gain", one_norm_gain), (".double()", to_float64),
+            ("replaced submodule", replaced_submodule), ("replaced block", replaced_block),
+            ("replaced embedding tables", replaced_table), ("blocks.half().float()", blocks_round_trip_through_half),
+            ("norm eps", norm_eps)]
 
 
 @pytest.mark.parametrize("name,change", _weight_changes(), ids=[n for n, _ in _weight_changes()])
@@ -506,6 +527,76 @@ def test_user_cache_recomputes_states_after_the_weights_change(name, change):
     with torch.no_grad():  # and the states computed with the new weights are reused again
         rc = store.request_cache("u", Window(Events.cat([ev, s.events(3)]), 0))
     assert store.stats.hits == 1 and store.stats.stale == 1
+
+
+def test_a_new_module_elsewhere_does_not_invalidate_cached_users():
+    """Registering parameters or submodules anywhere makes the fast path look again; if its model still holds the
+    same weights, cached states stay valid (a server that builds another model keeps its users)."""
+    model = make_model()
+    s = Stream()
+    ev = s.events(12)
+    store = UserCacheStore(model, max_bytes=1 << 30)
+    with torch.no_grad():
+        store.request_cache("u", Window(ev.slice(0, 8), 0))
+        make_model(tiny_config(), seed=1)  # registers many parameters and modules
+        torch.nn.Linear(2, 2)
+        store.request_cache("u", Window(ev, 0))
+    assert store.stats.hits == 1 and store.stats.stale == 0
+
+
+def test_a_failed_append_after_a_weight_change_leaves_the_state_usable():
+    model = make_model()
+    s = Stream()
+    good, bad, more = s.events(8), s.events(2), s.events(3)
+    bad.seq_type[0] = 7
+    ns = make_batch(1, (3,), seed=1).ns
+    uc = UserCache()
+    with torch.no_grad():
+        uc.advance(model, Window(good, 0))
+        model.blocks[0].norm1.weight.mul_(2.0)
+        with pytest.raises(ValueError, match="seq_type must be in 1..2"):
+            uc.advance(model, Window(Events.cat([good, bad]), 0))
+        window = Window(Events.cat([good, more]), 0)
+        got = _appended(model, uc, window.events, ns)
+        assert max_diff(got, _reference(model, window, ns)) <= TOL
+
+
+def test_user_cache_needs_eval_mode_when_the_model_has_dropout():
+    model = make_model(tiny_config(dropout=0.1)).train()
+    with pytest.raises(ValueError, match=r"eval mode .*model.eval\(\)"):
+        UserCache().advance(model, Window(Stream().events(4), 0))
+
+
+def test_parametrized_weights_are_recomputed_on_every_request_and_say_so():
+    from torch.nn.utils import parametrize
+
+    class Doubled(torch.nn.Module):
+        def forward(self, w):
+            return 2 * w
+
+    model = make_model()
+    parametrize.register_parametrization(model.blocks[0].attn.kv, "weight", Doubled())
+    s = Stream()
+    ev = s.events(12)
+    ns = make_batch(1, (3,), seed=1).ns
+    uc = UserCache()
+    with torch.no_grad(), pytest.warns(UserWarning, match="parametrized"):
+        uc.advance(model, Window(ev.slice(0, 8), 0))
+        got = _appended(model, uc, ev, ns)
+        assert max_diff(got, _reference(model, Window(ev, 0), ns)) <= TOL
+
+
+def test_schedules_ending_in_several_zero_layers():
+    """Layers above the top S-query layer compute keys/values from no new S outputs (an empty input)."""
+    model = make_model(tiny_config(pyramid_schedule=(16, 0, 0)))
+    s = Stream()
+    ev = s.events(12)
+    ns = make_batch(1, (3,), seed=1).ns
+    uc = UserCache()
+    with torch.no_grad():
+        uc.advance(model, Window(ev.slice(0, 8), 0))
+        got = _appended(model, uc, ev, ns)
+        assert max_diff(got, _reference(model, Window(ev, 0), ns)) <= TOL
 
 
 def test_weights_written_through_data_need_forget_weights():
