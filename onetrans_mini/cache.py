@@ -861,12 +861,15 @@ def fresh_stage_one(model, window: Window) -> RequestCache:
 
 
 def _check_events(model, events: Events) -> None:
-    """Clear errors for events the tokenizer cannot read: a missing field, a seq_type outside the schema's
-    sequences, an id outside its field's vocabulary."""
+    """Clear errors for events the tokenizer cannot read: a missing field, ids that are not integers, a
+    seq_type outside the schema's sequences, an id outside its field's vocabulary."""
     seq, emb = model.tokenizer.seq, model.tokenizer.embeddings
     missing = [f for f in seq.fields if f not in events.fields]
     if missing:
         raise ValueError(f"events lack event field(s) {missing}; expected {list(seq.fields)}")
+    for name, ids in (("seq_type", events.seq_type), *((f, events.fields[f]) for f in seq.fields)):
+        if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+            raise ValueError(f"events: {name} must hold integer ids, got dtype {ids.dtype}")
     if not len(events):
         return
     lo, hi = (int(t) for t in torch.aminmax(events.seq_type))
@@ -889,8 +892,8 @@ def _tokenize(model, fp: _FastPath, events: Events, first: int) -> torch.Tensor:
     fields = {name: ids[first:] for name, ids in events.fields.items()}
     try:
         return model.tokenizer.seq.event_tokens(None, fields, events.seq_type[first:], fp.event_mlp)  # (n, d)
-    except (KeyError, IndexError):
-        _check_events(model, events.slice(first))  # raises the clear error
+    except (KeyError, IndexError, RuntimeError):  # RuntimeError: ids of a non-integer dtype
+        _check_events(model, events.slice(first))  # raises the clear error (or finds nothing wrong: re-raise)
         raise
 
 

@@ -378,6 +378,13 @@ def test_appending_bad_events_names_the_field(field, value, message):
         uc.advance(model, Window(Events.cat([good, bad]), 0))
 
 
+def test_appending_events_with_float_ids_names_the_field():
+    ev = Stream().events(3)
+    ev.fields["hist_item"] = ev.fields["hist_item"].float()
+    with pytest.raises(ValueError, match="hist_item must hold integer ids, got dtype torch.float32"):
+        UserCache().advance(make_model(), Window(ev, 0))
+
+
 def test_appending_events_without_a_field_names_it():
     model = make_model()
     ev = Stream().events(3)
