@@ -80,7 +80,7 @@ whatever its size. The incremental path is written for that:
 - attention is one ``baddbmm`` with a cached additive mask; events are checked only when a lookup fails.
 
 ``bench_cache`` (both sides on one thread, interleaved): appending 8 events to 256 costs about 0.3 ms,
-13-14% of a fresh Stage I at ``small`` without pyramid, 14-15% with it (the pyramid's Stage I is cheaper,
+13-14% of a fresh Stage I at ``small`` without pyramid, 14-16% with it (the pyramid's Stage I is cheaper,
 the append the same), 13% at ``S`` (d=256) and 5% over 1,024 events; about the same against a miss's
 prefill through this path, which is some 17% faster than the model's ``stage_one``. Run alone, back to
 back, an append costs about 0.22 ms: after other work it finds its code out of the CPU's caches.
