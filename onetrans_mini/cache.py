@@ -647,7 +647,7 @@ class _FastPath:
     - the norms' ``eps`` are the same.
 
     Each build has a new ``weights_id``, which tells a ``UserCache`` that its states were computed with
-    other weights. Not seen: writes through ``.data`` (copying into it or assigning it), which bypass version
+    other weights. Not seen: in-place writes through ``.data`` (``p.data.mul_(2)``), which bypass version
     counters; call ``forget_weights(model)`` after them. Inference tensors (a model created under
     ``torch.inference_mode``) and parametrized weights (``torch.nn.utils.parametrize``) keep no usable
     version: such a model is prepared again on every call, with a warning."""
@@ -744,7 +744,7 @@ def _fast_path(model) -> _FastPath:
 
 def forget_weights(model) -> None:
     """Drop what the user cache prepared from ``model``'s weights: the next append rebuilds it and recomputes
-    every cached user state. Needed only after writing weights through ``.data`` (which no version counter
+    every cached user state. Needed only after in-place writes through ``.data`` (which no version counter
     sees); training steps, ``load_state_dict`` (also with ``assign=True``), ``.to()`` and replaced modules
     are noticed."""
     _FAST_PATHS.pop(model, None)

@@ -467,6 +467,18 @@ def _appended(model, uc, ev, ns):
     return score(model, uc.request_cache(), ns, torch.zeros(len(next(iter(ns.values()))), dtype=torch.long))
 
 
+def _check_cache_then_append(model, between=lambda: None):
+    """Cache 8 events of a user, run ``between``, append 4 more: the scores must equal recompute from scratch."""
+    ev = Stream().events(12)
+    ns = make_batch(1, (3,), seed=1).ns
+    uc = UserCache()
+    with torch.no_grad():
+        uc.advance(model, Window(ev.slice(0, 8), 0))
+        between()
+        got = _appended(model, uc, ev, ns)
+        assert max_diff(got, _reference(model, Window(ev, 0), ns)) <= TOL
+
+
 def _weight_changes():
     """(name, change) pairs: each changes the model's weights in one way a user can."""
     def optimizer_step(m):
@@ -583,42 +595,24 @@ def test_parametrized_weights_are_recomputed_on_every_request_and_say_so():
 
     model = make_model()
     parametrize.register_parametrization(model.blocks[0].attn.kv, "weight", Doubled())
-    s = Stream()
-    ev = s.events(12)
-    ns = make_batch(1, (3,), seed=1).ns
-    uc = UserCache()
-    with torch.no_grad(), pytest.warns(UserWarning, match="parametrized"):
-        uc.advance(model, Window(ev.slice(0, 8), 0))
-        got = _appended(model, uc, ev, ns)
-        assert max_diff(got, _reference(model, Window(ev, 0), ns)) <= TOL
+    with pytest.warns(UserWarning, match="parametrized"):
+        _check_cache_then_append(model)
 
 
 def test_schedules_ending_in_several_zero_layers():
     """Layers above the top S-query layer compute keys/values from no new S outputs (an empty input)."""
-    model = make_model(tiny_config(pyramid_schedule=(16, 0, 0)))
-    s = Stream()
-    ev = s.events(12)
-    ns = make_batch(1, (3,), seed=1).ns
-    uc = UserCache()
-    with torch.no_grad():
-        uc.advance(model, Window(ev.slice(0, 8), 0))
-        got = _appended(model, uc, ev, ns)
-        assert max_diff(got, _reference(model, Window(ev, 0), ns)) <= TOL
+    _check_cache_then_append(make_model(tiny_config(pyramid_schedule=(16, 0, 0))))
 
 
 def test_weights_written_through_data_need_forget_weights():
     """``.data`` writes bypass version counters: ``forget_weights`` is the documented way to say so."""
     model = make_model()
-    s = Stream()
-    ev = s.events(12)
-    ns = make_batch(1, (3,), seed=1).ns
-    uc = UserCache()
-    with torch.no_grad():
-        uc.advance(model, Window(ev.slice(0, 8), 0))
+
+    def write_through_data():
         model.blocks[0].attn.kv.weight.data.mul_(2.0)  # invisible to the version counter
         forget_weights(model)
-        got = _appended(model, uc, ev, ns)
-        assert max_diff(got, _reference(model, Window(ev, 0), ns)) <= TOL
+
+    _check_cache_then_append(model, write_through_data)
 
 
 def test_user_cache_of_a_model_built_in_inference_mode():
