@@ -679,10 +679,11 @@ class _FastPath:
         if self.versions is None or _versions(self.params) != self.versions or [m.eps for m in self.norms] != self.eps:
             return False
         if self.registrations != _REGISTRATIONS[0]:  # a parameter or submodule was registered somewhere: ours?
-            now = [getattr(mod, name) for mod, name in _s_side_params(model)]
+            sources = list(_s_side_params(model))
+            now = [getattr(mod, name) for mod, name in sources]
             if len(now) != len(self.params) or not all(map(operator.is_, now, self.params)):
                 return False
-            self.norms = [mod for mod, _ in _s_side_params(model) if isinstance(mod, RMSNorm)]
+            self.norms = [mod for mod, _ in sources if isinstance(mod, RMSNorm)]  # (a norm module may be new)
             if [m.eps for m in self.norms] != self.eps:
                 return False
             self.registrations = _REGISTRATIONS[0]
