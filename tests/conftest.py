@@ -13,21 +13,48 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 
+# what each real-data fixture needs, and where it comes from (for the skip reason)
+ML100K_FILES = ("u.data", "u.user", "u.item")
+ML1M_SAMPLE_FILES = ("ratings.dat", "users.dat", "movies.dat")
+
 
 def real_data_dir() -> Path | None:
-    """The folder holding ml-100k/ and ml-1m-sample/, or None."""
-    for cand in (os.environ.get("ONETRANS_DATA_DIR"), SHARED):
-        if cand and (Path(cand) / "ml-100k" / "u.data").is_file():
-            return Path(cand)
-    return None
+    """The folder the real-data tests read: ``$ONETRANS_DATA_DIR`` when it is set (that folder only, as
+    the user set it, relative paths from the project root like the library), else the shared copy beside
+    the project, else None. Each test then needs only its own files in it (see :func:`require_data`)."""
+    if os.environ.get("ONETRANS_DATA_DIR"):
+        from onetrans_mini.data.download import data_dir
+
+        return data_dir()
+    return SHARED if SHARED.is_dir() else None
+
+
+def require_data(folder: str, files, what: str) -> Path:
+    """``<data dir>/<folder>`` when it holds every one of ``files``; otherwise skip the test, naming the
+    folder looked in, the files missing and where they come from. Whatever else the data dir holds
+    does not matter."""
+    root = real_data_dir()
+    if root is None:
+        pytest.skip(f"needs {folder}/ ({what}): set ONETRANS_DATA_DIR to a folder holding it (see data/README.md)")
+    missing = [f for f in files if not (root / folder / f).is_file()]
+    if missing:
+        pytest.skip(f"needs {folder}/ ({what}): {root / folder} lacks {', '.join(missing)} (ONETRANS_DATA_DIR={root})")
+    return root / folder
 
 
 @pytest.fixture(scope="session")
 def ml_dir() -> Path:
-    d = real_data_dir()
-    if d is None:
-        pytest.skip("needs the real MovieLens files: set ONETRANS_DATA_DIR to a folder holding ml-100k/ (see data/README.md)")
-    return d
+    """The data dir, holding a complete ``ml-100k/`` (tests read ``ml_dir / "ml-100k"``)."""
+    return require_data("ml-100k", ML100K_FILES, "MovieLens-100K from GroupLens' ml-100k.zip").parent
+
+
+@pytest.fixture(scope="session")
+def ml1m_sample_dir() -> Path:
+    """``ml-1m-sample/``: ML-1M's users.dat and movies.dat plus 300 real rows of ratings.dat. Only the
+    project's shared test copy has it (no GroupLens download produces it), so these tests skip elsewhere."""
+    return require_data("ml-1m-sample", ML1M_SAMPLE_FILES,
+                        "300 real ML-1M ratings + users.dat + movies.dat; only in the shared test copy, "
+                        "not a GroupLens download")
 
 
 @pytest.fixture(autouse=True, scope="session")
