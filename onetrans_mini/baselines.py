@@ -11,7 +11,8 @@ are built to be compared fairly:
 - the SAME contract: ``Model(config: ModelConfig, schema, vocab_sizes)``,
   ``forward(batch, targets=None) -> (logits (B, n_tasks), mean BCE-with-logits or None)``,
   ``num_params() -> {"dense", "embedding", "total", ...}``, ``embedding_parameters()`` /
-  ``dense_parameters()`` for the paper's two optimizers;
+  ``dense_parameters()`` for the paper's two optimizers; ``config.activation_checkpointing`` recomputes
+  each sequence / interaction block in backward, as OneTrans does with its blocks;
 - a MATCHED dense budget: ``matched_config`` picks the baseline's ``d_model`` so that its dense
   parameter count is within ``tol`` of OneTrans at the same preset.
 
@@ -42,6 +43,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
+from torch.utils.checkpoint import checkpoint
 
 from .config import ModelConfig
 from .data.batching import check_batch
@@ -67,7 +69,6 @@ class _Baseline(nn.Module):
             raise ValueError("schema has no ns_features: the feature track needs at least one")
         self.config, self.schema = config, schema
         self.n_tasks = len(schema.tasks)
-        self.check_inputs = True  # id-range checks of every batch (they synchronize a GPU; switch off there)
 
     # -- forward ----------------------------------------------------------------------------------
     def forward(self, batch, targets: torch.Tensor | None = None):
@@ -77,6 +78,14 @@ class _Baseline(nn.Module):
 
     def logits(self, batch) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def run_block(self, fn, *args):
+        """``fn(*args)``; under ``config.activation_checkpointing`` while training with autograd on, its
+        activations are not kept for backward but recomputed there (the RNG state is replayed, so
+        dropout masks and gradients are the same)."""
+        if self.config.activation_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(fn, *args, use_reentrant=False)
+        return fn(*args)
 
     # -- accounting -------------------------------------------------------------------------------
     def embedding_parameters(self):
@@ -102,10 +111,10 @@ class _Baseline(nn.Module):
 
     # -- input checks -----------------------------------------------------------------------------
     def check_batch(self, batch) -> None:
-        """Clear errors for a batch that does not match the schema (shapes always; id ranges when
-        ``self.check_inputs``). Unlike OneTrans there is no ``max_len`` limit: nothing here is sized
-        by the history length."""
-        check_batch(batch, self.schema, self.embeddings.size, self.check_inputs)
+        """Clear errors for a batch that does not match the schema: shapes always, id ranges for CPU
+        tensors only (cheap there, while on a GPU they would synchronize every batch), as OneTrans does.
+        Unlike OneTrans there is no ``max_len`` limit: nothing here is sized by the history length."""
+        check_batch(batch, self.schema, self.embeddings.size, check_ids=batch.seq_mask.device.type == "cpu")
 
     # -- sizing ----------------------------------------------------------------------------------
     @staticmethod
@@ -232,9 +241,9 @@ class DinDcnV2(_Baseline):
         keys, real = self.seq(emb, batch.seq, batch.seq_type, batch.seq_mask)  # (R, L, d), (R, L): per request
         ns = {n: emb(n, batch.ns[n]) for n in self.ns_names}  # each (B, E)
         q = self.query(torch.cat([ns[n] for n in self.item_features], dim=-1))  # (B, d)
-        interest = self.attention(q, keys, real, ri)  # (B, d)
+        interest = self.run_block(self.attention, q, keys, real, ri)  # (B, d); its (B, L, hidden) is the largest
         x0 = torch.cat([*ns.values(), interest], dim=-1)  # (B, D0)
-        h = torch.cat([self.cross(x0), self.deep(x0)], dim=-1)  # (B, D0 + ffn_mult * d)
+        h = torch.cat([self.run_block(self.cross, x0), self.run_block(self.deep, x0)], dim=-1)  # (B, D0 + ffn_mult * d)
         return torch.cat([tower(h) for tower in self.towers], dim=-1)  # (B, n_tasks)
 
     def parts(self):
@@ -368,7 +377,7 @@ class RankMixerTransformer(_Baseline):
             allow = allow & torch.ones_like(eye).tril()  # (R, L, L): and not in the future
         allow = (allow | eye)[:, None]  # (R, 1, L, L), broadcast over heads
         for block in self.seq_blocks:
-            x = block(x, allow)
+            x = self.run_block(block, x, allow)
         h = self.seq_norm(x)  # (R, L, d)
         w = real.to(h.dtype)[..., None]  # (R, L, 1)
         mean = (h * w).sum(1) / w.sum(1).clamp(min=1)  # (R, d): 0 for an empty history
@@ -380,7 +389,7 @@ class RankMixerTransformer(_Baseline):
         x_ns = self.tokenizer.ns(self.embeddings, batch.ns)  # (B, L_NS, d)
         z = torch.cat([x_ns, seq_tok], dim=1)  # (B, T, d)
         for layer in self.mixer:
-            z = layer(z)
+            z = self.run_block(layer, z)
         pooled = z.mean(1)  # (B, d)
         return torch.cat([tower(pooled) for tower in self.towers], dim=-1)  # (B, n_tasks)
 
@@ -407,7 +416,7 @@ def baseline_class(name: str) -> type[_Baseline]:
     return BASELINES[name]
 
 
-def count_params(model_cls, config: ModelConfig, schema: Schema, vocab_sizes) -> dict[str, int]:
+def num_params_of(model_cls, config: ModelConfig, schema: Schema, vocab_sizes) -> dict[str, int]:
     """``model_cls(config, schema, vocab_sizes).num_params()`` built on the meta device: no memory, no init."""
     with torch.device("meta"):
         return model_cls(config, schema, vocab_sizes).num_params()
@@ -454,7 +463,7 @@ def matched_config(name: str, onetrans_config: ModelConfig, schema: Schema, voca
     ``m = matched_config("din-dcnv2", get_preset("small"), schema, vocab); DinDcnV2(m.config, schema, vocab)``
     """
     cls = baseline_class(name)
-    target = count_params(OneTrans, onetrans_config, schema, vocab_sizes)
+    target = num_params_of(OneTrans, onetrans_config, schema, vocab_sizes)
     goal = target["dense"]
     g = cls.width_granule(onetrans_config, schema)
     seen: dict[tuple[int, int], int] = {}
@@ -462,7 +471,7 @@ def matched_config(name: str, onetrans_config: ModelConfig, schema: Schema, voca
     def dense(m: int, fm: int) -> int:  # dense count at d_model = m * g, ffn_mult = fm (memoized)
         if (m, fm) not in seen:
             cfg = onetrans_config.replace(d_model=m * g, ffn_mult=fm)
-            seen[m, fm] = count_params(cls, cfg, schema, vocab_sizes)["dense"]
+            seen[m, fm] = num_params_of(cls, cfg, schema, vocab_sizes)["dense"]
         return seen[m, fm]
 
     def closest_width(fm: int) -> int:
@@ -488,7 +497,7 @@ def matched_config(name: str, onetrans_config: ModelConfig, schema: Schema, voca
         near = [p for p in pairs if miss(p) <= exact_within]
         best = min(near, key=lambda p: (abs(p[1] - fm0), miss(p))) if near else min(pairs, key=miss)
     cfg = onetrans_config.replace(d_model=best[0] * g, ffn_mult=best[1])
-    counts = count_params(cls, cfg, schema, vocab_sizes)
+    counts = num_params_of(cls, cfg, schema, vocab_sizes)
     out = Matched(name, cfg, counts["dense"], goal, counts["embedding"], target["embedding"])
     if abs(out.rel_diff) > tol:
         raise ValueError(f"matched_config({name!r}): the closest width misses OneTrans's dense count by "

@@ -86,6 +86,9 @@ class ModelConfig:
     head_hidden: int = 64  # hidden width of each task tower
     # explicit pyramid: S query tokens per layer (bottom to top, last one 0); empty = the linear schedule
     pyramid_schedule: tuple[int, ...] = ()
+    # training memory for compute: keep only each block's inputs for backward and recompute the rest there
+    # (the paper's "activation recomputation"); changes no result, only what backward stores
+    activation_checkpointing: bool = False
 
     def __post_init__(self):
         # Config-only checks; what needs the schema (L_NS of the group-wise tokenizer, [SEP] count,

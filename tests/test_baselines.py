@@ -198,3 +198,57 @@ def test_bad_batches_name_the_feature(name):
     del bad.seq["hist_gap"]
     with pytest.raises(ValueError, match="hist_gap"):
         model(bad)
+
+
+# ----------------------------------------------------------------------------------------------
+# activation checkpointing
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_activation_checkpointing_gives_the_same_gradients(name, tiny_data, tiny_batch):
+    """Recomputing the blocks in backward changes what is stored, not the result: same loss, same
+    gradients, dropout included (its RNG state is replayed); and the blocks really are recomputed."""
+    schema, vocab = tiny_data.schema, tiny_data.vocab_sizes()
+    grads, losses = {}, {}
+    for on in (False, True):
+        model = _model(name, schema, vocab, dropout=0.2, activation_checkpointing=on).train()
+        assert model.config.activation_checkpointing is on
+        calls = []
+        model.run_block = _counting(model.run_block, calls)
+        torch.manual_seed(7)  # the same dropout masks in both runs
+        _, loss = model(tiny_batch, tiny_batch.labels)
+        loss.backward()
+        losses[on] = loss.detach()
+        grads[on] = {n: p.grad for n, p in model.named_parameters()}
+        assert calls, "the model runs no block through run_block"
+    torch.testing.assert_close(losses[True], losses[False], rtol=0, atol=0)
+    assert grads[True].keys() == grads[False].keys()
+    for n, g in grads[False].items():
+        torch.testing.assert_close(grads[True][n], g, rtol=1e-6, atol=1e-7, msg=n)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_activation_checkpointing_recomputes_in_backward_only_when_training(name, tiny_data, tiny_batch):
+    model = _model(name, tiny_data.schema, tiny_data.vocab_sizes(), activation_checkpointing=True)
+    forwards = []
+    for m in model.modules():
+        if isinstance(m, torch.nn.Linear):
+            m.register_forward_hook(lambda *_: forwards.append(1))
+
+    def linear_calls_in_backward(training: bool) -> int:
+        model.train(training)
+        _, loss = model(tiny_batch, tiny_batch.labels)
+        n = len(forwards)
+        loss.backward()
+        return len(forwards) - n
+
+    assert linear_calls_in_backward(training=True) > 0  # the blocks ran again in backward
+    assert linear_calls_in_backward(training=False) == 0  # eval mode: stored as usual
+
+
+def _counting(fn, calls):
+    def wrapped(*args):
+        calls.append(1)
+        return fn(*args)
+
+    return wrapped
