@@ -21,7 +21,13 @@ Three more rules:
 The fast path is ``F.scaled_dot_product_attention`` (fused kernels: FlashAttention on GPUs, a
 blocked kernel on CPU). The explicit path (``q k^T / sqrt(hd) -> mask -> softmax -> @ v``) is its slow
 twin for the tests, and the only path that can hand back the probabilities for plots
-(``capture_attention``).
+(``capture_attention``, which records the full forward, ``OneTrans.forward_full``).
+
+Stage II of the request cache (``OneTrans.stage_two``) attends differently, not differently in maths:
+the candidates of a request are PACKED into one query block, so that the request's S keys are read
+once instead of being copied per candidate (``attend_packed``): one softmax over
+``[S keys of the request ; the candidate's own NS keys (causal)]``, exactly the row the full forward
+computes for that candidate.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
+from .kv_cache import LayerKV
 from .layers import MixedLinear
 
 # ----------------------------------------------------------------------------------------------
@@ -82,6 +89,72 @@ def attend(q, k, v, mask, dropout_p: float = 0.0, explicit: bool = False):
     probs = scores.softmax(dim=-1)  # no NaN: the diagonal is always allowed
     p = F.dropout(probs, dropout_p) if dropout_p > 0 else probs
     return p @ v, probs  # (N, H, Q, hd)
+
+
+
+# ----------------------------------------------------------------------------------------------
+# Stage II: a request's candidates packed against its S keys
+
+
+class Packing:
+    """Where each candidate goes in the packed query block: request r, slot c (0..C_max-1).
+
+    ``request_index`` (B,) maps candidates to requests; requests with fewer than ``C_max`` candidates
+    get empty (zero) slots, whose outputs are dropped by ``unpack``.
+    """
+
+    def __init__(self, request_index: torch.Tensor, n_requests: int):
+        ri = request_index
+        b = ri.shape[0]
+        counts = torch.bincount(ri, minlength=n_requests)  # (R,)
+        self.r, self.c_max = n_requests, max(1, int(counts.max())) if b else 1
+        order = torch.argsort(ri, stable=True)  # candidates grouped by request, their order kept
+        first = torch.cumsum(counts, 0) - counts  # (R,) first position of each request in `order`
+        slot = torch.empty_like(ri)
+        slot[order] = torch.arange(b, device=ri.device) - first[ri[order]]
+        self.index = ri * self.c_max + slot  # (B,) row of each candidate in the (R * C_max) packed rows
+        # the common case (candidates grouped and sorted, equal counts): packing is a reshape
+        self.identity = b == n_requests * self.c_max and bool((self.index == torch.arange(b, device=ri.device)).all())
+
+    def pack(self, x: torch.Tensor, n_heads: int) -> torch.Tensor:
+        """(B, L_NS, d) -> (R, H, C_max * L_NS, hd), empty slots zero."""
+        if not self.identity:
+            x = x.new_zeros(self.r * self.c_max, *x.shape[1:]).index_copy(0, self.index, x)
+        return rearrange(x, "(r c) n (h e) -> r h (c n) e", r=self.r, h=n_heads)
+
+    def unpack(self, y: torch.Tensor, n_ns: int) -> torch.Tensor:
+        """(R, H, C_max * L_NS, hd) -> (B, L_NS, d)."""
+        y = rearrange(y, "r h (c n) e -> (r c) n (h e)", n=n_ns)
+        return y if self.identity else y[self.index]
+
+
+def attend_packed(q, k_n, v_n, k_s, v_s, s_real, n_ns: int, dropout_p: float = 0.0):
+    """One softmax over ``[S keys of the request ; own causal NS keys]``, candidates packed per request.
+
+    q, k_n, v_n (R, H, C*L_NS, hd); k_s, v_s (R, H, Ls, hd); s_real (R, Ls). Returns (R, H, C*L_NS, hd).
+
+    The S scores are one matmul per request against its S keys (no per-candidate copy of them); the
+    NS scores are per candidate (L_NS x L_NS, causal). Both go side by side into one row of length
+    Ls + L_NS, so one softmax normalizes over the same keys as the full forward's attention. A fused
+    kernel with keys ``[S ; all C candidates' NS]`` and a block-diagonal mask would instead compute a
+    (C * L_NS)^2 rectangle that is almost all masked: quadratic in the number of candidates.
+    """
+    r, h, cl, hd = q.shape
+    c, ls = cl // n_ns, k_s.shape[2]
+    scale = hd**-0.5
+    s_s = (q @ k_s.transpose(-2, -1)) * scale  # (R, H, C*L_NS, Ls): every candidate against its request's keys
+    s_s = s_s.masked_fill(~s_real[:, None, None, :], float("-inf"))  # padding keys
+    qc = q.view(r, h, c, n_ns, hd)
+    s_n = (qc @ k_n.view(r, h, c, n_ns, hd).transpose(-2, -1)) * scale  # (R, H, C, L_NS, L_NS)
+    causal = torch.ones(n_ns, n_ns, dtype=torch.bool, device=q.device).tril()
+    s_n = s_n.masked_fill(~causal, float("-inf"))  # the diagonal is always allowed: never an empty row
+    p = torch.cat([s_s.view(r, h, c, n_ns, ls), s_n], dim=-1).softmax(-1)  # (R, H, C, L_NS, Ls + L_NS)
+    if dropout_p > 0:
+        p = F.dropout(p, dropout_p)
+    p = p.to(v_s.dtype)  # softmax may run in fp32 under autocast; the values' dtype for the products
+    out = p[..., ls:] @ v_n.view(r, h, c, n_ns, hd)  # (R, H, C, L_NS, hd): own NS values
+    out = out.view(r, h, cl, hd) + p[..., :ls].reshape(r, h, cl, ls) @ v_s  # + S values, one matmul per request
+    return out  # (R, H, C*L_NS, hd)
 
 
 @dataclass
@@ -192,6 +265,22 @@ class MixedAttention(nn.Module):
         o_ns = self.o.forward_ns(out[:, n_q:]) if h_ns is not None else None  # (N, L_NS, d)
         return o_s, o_ns
 
+    def forward_packed(self, h_ns: torch.Tensor, layer: LayerKV, packing: Packing) -> torch.Tensor:
+        """Stage II: the attention output (after W_O) of the normalized NS-tokens ``h_ns`` (B, L_NS, d) of
+        candidates against their request's cached S keys/values ``layer`` (R requests) -> (B, L_NS, d).
+
+        The NS half of ``forward`` with the same projections; only the attention call is packed."""
+        if self._record is not None:
+            raise RuntimeError("capture_attention records the full forward (per candidate, whole maps): call "
+                               "model.forward_full(batch) inside `with capture_attention(model)`, not model(batch)")
+        q_ns = self.q.forward_ns(h_ns)  # (B, L_NS, d)
+        k_ns, v_ns = self.kv.forward_ns(h_ns).chunk(2, dim=-1)  # 2 x (B, L_NS, d): the (two h e) split of kv_s
+        p = self.dropout if self.training else 0.0
+        out = attend_packed(packing.pack(q_ns, self.n_heads), packing.pack(k_ns, self.n_heads),
+                            packing.pack(v_ns, self.n_heads), layer.k, layer.v, layer.s_real,
+                            self.n_ns, p)  # (R, H, C_max * L_NS, hd)
+        return self.o.forward_ns(packing.unpack(out, self.n_ns))  # (B, L_NS, d)
+
 
 # ----------------------------------------------------------------------------------------------
 # switches for a whole model
@@ -206,10 +295,10 @@ def _attention_modules(model: nn.Module) -> list[MixedAttention]:
 
 @contextmanager
 def capture_attention(model: nn.Module):
-    """Record every layer's attention probabilities while the block runs::
+    """Record every layer's attention probabilities while the full forward runs::
 
         with capture_attention(model) as maps:
-            model(batch)
+            model.forward_full(batch)
         maps[0].probs  # (N, H, Q, K) of the bottom layer
 
     Inside, attention takes the explicit path (SDPA cannot return probabilities); outside, nothing

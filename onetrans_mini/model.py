@@ -1,10 +1,14 @@
-"""OneTrans: one causal Transformer over ``[S-tokens ; NS-tokens]`` (paper §3-§4), top to bottom:
+"""OneTrans: one causal Transformer over ``[S-tokens ; NS-tokens]`` (paper §3-§5), top to bottom:
 
 1. ``pyramid_schedule``: how many S-tokens issue queries at each layer.
-2. ``OneTransBlock``: pre-norm block with mixed parameters; separate entry points for the full forward,
-   for the S-tokens alone (Stage I of a KV cache) and for the NS-tokens against given S keys/values
-   (Stage II), all running the same code.
-3. ``OneTrans``: tokenizer -> blocks -> one tower per task over the final NS-token states.
+2. ``OneTransBlock``: the pre-norm block with mixed parameters. Its maths lives in ``_update`` alone;
+   the entry points only choose which tokens go in: all of them (``forward``), the S-tokens alone
+   (``forward_s``, Stage I), or the NS-tokens of candidates against cached S keys/values
+   (``forward_ns``, Stage II).
+3. ``OneTrans``: tokenizer -> blocks -> one tower per task over the final NS-token states. Its
+   ``forward`` is the request-level one that training, evaluation and serving all run: Stage I once
+   per request, Stage II per candidate (paper §5). ``forward_full`` runs every candidate with its own
+   copy of the history: the slow, obviously-correct twin that the tests compare against.
 
 Shapes: ``R`` requests, ``B`` candidates (``request_index`` (B,) maps each to its request), ``L_S``
 S-tokens, ``L_NS`` NS-tokens, ``d`` width, ``H`` heads, ``hd = d / H``.
@@ -18,11 +22,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
+from torch.utils.checkpoint import checkpoint
 
-from .attention import MixedAttention
+from .attention import MixedAttention, Packing
 from .config import ModelConfig
 from .data.batching import check_batch
 from .features import Schema
+from .kv_cache import LayerKV, RequestCache
 from .layers import MixedFFN, RMSNorm, residual_scale
 from .tokenizer import Tokenizer, mlp, n_ns_tokens, n_s_tokens
 
@@ -83,15 +89,15 @@ class OneTransBlock(nn.Module):
     all of them. ``has_s_queries=False`` (the top layer) makes an NS-only layer: it still reads the
     S-tokens as keys/values but owns no S-side query, output or FFN weights.
 
-    Entry points (all share ``_update``, so the maths exists once):
+    Entry points (each one feeds ``_update``, where the block's maths is written once):
 
     - ``forward(x_s, x_ns, s_real, n_q)``: the full forward of one layer;
-    - ``forward_s(x_s, s_real, n_q) -> (x_s', kv_s)``: Stage I, the S-tokens alone (causal only: an
-      S-token never sees an NS-token), returning this layer's S keys/values to cache;
-    - ``forward_ns(x_ns, kv_s, s_real) -> x_ns'``: Stage II, NS-tokens against given S keys/values
-      (gather a request's cache per candidate: ``k[request_index]``);
-    - ``residual_ffn(x, o, ns)``: the residual and FFN half of the block, for callers that compute the
-      attention their own way (``cache.stage_two`` packs a request's candidates).
+    - ``forward_s(x_s, s_real, n_q) -> (x_s', (k, v))``: Stage I, the S-tokens alone (causal: an S-token
+      never sees an NS-token), also returning this layer's S keys/values to cache;
+    - ``forward_ns(x_ns, layer, packing) -> x_ns'``: Stage II, candidates' NS-tokens against their
+      request's cached S keys/values (``LayerKV``), packed per request (``attention.Packing``);
+    - ``s_tail(x_q, kv, s_real) -> x_q'``: outputs of S-tokens ``x_q`` that are the LAST positions of a key
+      window ``kv`` (the user cache recomputes exactly these after an append).
     """
 
     def __init__(self, config: ModelConfig, n_ns: int, layer_idx: int = 0, has_s_queries: bool = True):
@@ -109,7 +115,8 @@ class OneTransBlock(nn.Module):
         self.drop = nn.Dropout(config.dropout)
 
     def kv_s(self, x_s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """This layer's keys/values of the S-tokens ``x_s`` (N, Ls, d): 2 x (N, H, Ls, hd)."""
+        """This layer's keys/values of the S-tokens ``x_s`` (N, Ls, d): 2 x (N, H, Ls, hd). Row j depends
+        on token j only: the cacheable part of a layer."""
         return self.attn.kv_s(self.norm1(x_s))
 
     def forward(self, x_s: torch.Tensor, x_ns: torch.Tensor, s_real: torch.Tensor, n_q: int):
@@ -117,7 +124,7 @@ class OneTransBlock(nn.Module):
         h_s = self.norm1(x_s)  # (N, Ls, d): every S-token is a key
         kv = self.attn.kv_s(h_s)  # 2 x (N, H, Ls, hd)
         x_sq, h_sq = self._tail(x_s, h_s, n_q)
-        return self._update(x_sq, h_sq, x_ns, kv, s_real)
+        return self._update(x_sq, h_sq, x_ns, LayerKV(*kv, s_real))
 
     def forward_s(self, x_s: torch.Tensor, s_real: torch.Tensor, n_q: int):
         """Stage I: (x_s' (N, n_q, d) or None at the top layer, kv_s 2 x (N, H, Ls, hd))."""
@@ -126,12 +133,16 @@ class OneTransBlock(nn.Module):
         x_sq, h_sq = self._tail(x_s, h_s, n_q)
         if x_sq is None:
             return None, kv
-        x_s_out, _ = self._update(x_sq, h_sq, None, kv, s_real)
-        return x_s_out, kv
+        return self._update(x_sq, h_sq, None, LayerKV(*kv, s_real))[0], kv
 
-    def forward_ns(self, x_ns: torch.Tensor, kv_s: tuple[torch.Tensor, torch.Tensor], s_real: torch.Tensor):
-        """Stage II: NS-tokens (N, L_NS, d) attend to given S keys/values (N, H, Ls, hd) -> (N, L_NS, d)."""
-        return self._update(None, None, x_ns, kv_s, s_real)[1]
+    def forward_ns(self, x_ns: torch.Tensor, layer: LayerKV, packing: Packing) -> torch.Tensor:
+        """Stage II: NS-tokens (B, L_NS, d) against their request's S keys/values -> (B, L_NS, d)."""
+        return self._update(None, None, x_ns, layer, packing)[1]
+
+    def s_tail(self, x_q: torch.Tensor, kv_s: tuple[torch.Tensor, torch.Tensor], s_real: torch.Tensor) -> torch.Tensor:
+        """Outputs (N, m, d) of the S-tokens ``x_q`` (N, m, d) that are the last m positions of the key window
+        whose keys/values (N, H, Ls, hd) and padding flags (N, Ls) are given."""
+        return self._update(x_q, self.norm1(x_q), None, LayerKV(*kv_s, s_real))[0]
 
     def _tail(self, x_s, h_s, n_q):
         if not self.has_s_queries:
@@ -141,23 +152,23 @@ class OneTransBlock(nn.Module):
         ls = x_s.shape[1]
         return x_s[:, ls - n_q:], h_s[:, ls - n_q:]  # (N, n_q, d): the most recent S-tokens
 
-    def _update(self, x_sq, h_sq, x_ns, kv_s, s_real):
+    def _update(self, x_sq, h_sq, x_ns, keys: LayerKV, packing: Packing | None = None):
+        """The block, for the S query tokens ``x_sq`` (normalized: ``h_sq``) and/or the NS-tokens ``x_ns``,
+        given the S keys/values of the layer input (``keys``: one row per token row, or with ``packing``,
+        one per REQUEST, the candidates packed against them: Stage II)."""
         h_ns = None if x_ns is None else self.norm1(x_ns)  # (N, L_NS, d)
-        o_s, o_ns = self.attn(h_sq, h_ns, kv_s, s_real)
-        out_s = None if o_s is None else self.residual_ffn(x_sq, o_s, ns=False)  # (N, n_q, d)
-        out_ns = None if o_ns is None else self.residual_ffn(x_ns, o_ns, ns=True)  # (N, L_NS, d)
+        if packing is None:
+            o_s, o_ns = self.attn(h_sq, h_ns, (keys.k, keys.v), keys.s_real)  # (N, n_q, d), (N, L_NS, d)
+        else:
+            o_s, o_ns = None, self.attn.forward_packed(h_ns, keys, packing)  # (B, L_NS, d)
+        out_s = None if o_s is None else self._residual_ffn(x_sq, o_s, ns=False)  # (N, n_q, d)
+        out_ns = None if o_ns is None else self._residual_ffn(x_ns, o_ns, ns=True)  # (N, L_NS, d)
         return out_s, out_ns
 
-    def residual_ffn(self, x: torch.Tensor, o: torch.Tensor, ns: bool) -> torch.Tensor:
-        """The rest of the block once the attention output ``o`` (after W_O) of tokens ``x`` is known; the
-        S side (``ns=False``) or the NS side. Also the end of the cache's Stage II, which attends its own way::
-
-            Z  = MixedMHA(RMSNorm(X)) + X
-            X' = MixedFFN(RMSNorm(Z)) + Z
-        """
-        z = x + self.drop(o)
+    def _residual_ffn(self, x: torch.Tensor, o: torch.Tensor, ns: bool) -> torch.Tensor:
+        z = x + self.drop(o)  # Z = MixedMHA(RMSNorm(X)) + X
         ffn = self.ffn.forward_ns if ns else self.ffn.forward_s
-        return z + self.drop(ffn(self.norm2(z)))
+        return z + self.drop(ffn(self.norm2(z)))  # X' = MixedFFN(RMSNorm(Z)) + Z
 
 
 # ----------------------------------------------------------------------------------------------
@@ -184,18 +195,19 @@ class OneTrans(nn.Module):
         vocab_sizes: ``features.Vocabularies`` or ``{feature name: vocabulary size}``.
 
     ``forward(batch, targets=None) -> (logits (B, n_tasks), loss or None)``; ``loss`` is the mean binary
-    cross-entropy over tasks and candidates. The forward is the plain "full" one: for every candidate b
-    it runs the sequence ``[S-tokens of request request_index[b] ; NS-tokens of b]`` (the S-tokens are
-    tokenized once per request, then gathered). A two-stage forward (S once per request, NS per
-    candidate) calls the blocks' ``forward_s`` / ``forward_ns`` and must match it exactly
-    (``tests/test_model.py::test_blocks_split_into_stage_one_and_stage_two``)::
+    cross-entropy over tasks and candidates. A batch holds R requests and B candidates; the candidates of
+    one request share its history, so the forward computes the S side ONCE PER REQUEST (paper §5), in
+    training as in serving::
 
-        x_s, s_real, x_ns = model.tokenizer(batch)            # (R, L_S, d), (R, L_S), (B, L_NS, d)
-        for block, n_q in zip(model.blocks, model.schedule(x_s.shape[1])):
-            x_s_next, kv = block.forward_s(x_s, s_real, n_q)  # Stage I, per request: cache kv
-            x_ns = block.forward_ns(x_ns, (kv[0][ri], kv[1][ri]), s_real[ri])  # Stage II, per candidate
-            x_s, s_real = x_s_next, s_real[:, s_real.shape[1] - n_q:]
-        logits = model.head(model.norm_f(x_ns))
+        x_s, s_real, x_ns = model.tokenizer(batch)          # (R, L_S, d), (R, L_S), (B, L_NS, d)
+        cache = model.stage_one(x_s, s_real)                # Stage I: each layer's S keys/values, per request
+        h_ns = model.stage_two(cache, x_ns, request_index)  # Stage II: every candidate against its request's
+        logits = model.head(h_ns)                           #   cached keys (and its own NS-tokens, causally)
+
+    ``forward_full`` is the slow twin: each candidate runs ``[S-tokens of its request ; its NS-tokens]``
+    through the blocks, with its own copy of the history; tested equal. The full-attention ablation
+    (``causal=False``) lets S-tokens see the candidate, so only ``forward_full`` is possible there, and
+    ``forward`` runs it.
 
     Batch length: the schedule is sized for ``config.max_len`` events; a batch may be padded to fewer
     (the schedule is clipped, which is exactly what extra left padding would give), never to more.
@@ -232,7 +244,6 @@ class OneTrans(nn.Module):
         self.towers = nn.ModuleList(
             mlp(self.n_ns * config.d_model, config.head_hidden, 1) for _ in schema.tasks
         )
-        self.check_inputs = True  # value checks of every batch (they synchronize a GPU; switch off there)
 
     # -- schedule ---------------------------------------------------------------------------------
     def schedule(self, n_s: int | None = None) -> list[int]:
@@ -249,22 +260,63 @@ class OneTrans(nn.Module):
             out.append(prev)
         return out
 
-    # -- forward ----------------------------------------------------------------------------------
+    # -- forward: request level (Stage I + Stage II) ---------------------------------------------------
     def forward(self, batch, targets: torch.Tensor | None = None):
-        h_ns = self.encode(batch)  # (B, L_NS, d)
+        if batch.n_candidates == 0:
+            raise ValueError("batch has no candidates: nothing to score (and the mean loss of zero samples is undefined)")
+        if not self.config.causal:  # S-tokens see the candidate: nothing is shared per request
+            return self.forward_full(batch, targets)
+        self.check_batch(batch)
+        x_s, s_real, x_ns = self.tokenizer(batch)  # (R, L_S, d), (R, L_S), (B, L_NS, d)
+        h_ns = self.stage_two(self.stage_one(x_s, s_real), x_ns, batch.request_index)  # (B, L_NS, d)
         logits = self.head(h_ns)  # (B, n_tasks)
         return logits, task_loss(logits, targets)
 
-    def encode(self, batch) -> torch.Tensor:
-        """Final (normalized) NS-token states (B, L_NS, d) of the full forward."""
+    def stage_one(self, x_s: torch.Tensor, s_real: torch.Tensor) -> RequestCache:
+        """Stage I: the S-tokens (R, L_S, d) of R requests through every layer, alone. Keeps each layer's
+        S keys/values; the S outputs only feed the next layer. Differentiable (training)."""
+        if not self.config.causal:
+            raise ValueError("Stage I needs causal attention: with ModelConfig.causal=False every S-token attends to "
+                             "the candidate's NS-tokens, so the S side cannot be computed once per request")
+        layers = []
+        for block, n_q in zip(self.blocks, self.schedule(x_s.shape[1])):
+            x_next, (k, v) = self._call(block.forward_s, x_s, s_real, n_q)  # (R, n_q, d) or None, 2 x (R, H, Ls, hd)
+            layers.append(LayerKV(k, v, s_real))
+            s_real = s_real[:, s_real.shape[1] - n_q:]  # (R, n_q): the kept tail
+            x_s = x_next
+        return RequestCache(layers)
+
+    def stage_two(self, cache: RequestCache, x_ns: torch.Tensor, request_index: torch.Tensor) -> torch.Tensor:
+        """Stage II: NS-tokens (B, L_NS, d) of candidates of the cached requests (``request_index`` (B,))
+        -> final normalized NS states (B, L_NS, d)."""
+        if len(cache.layers) != len(self.blocks):
+            raise ValueError(f"the cache has {len(cache.layers)} layers, the model {len(self.blocks)}")
+        packing = Packing(request_index, cache.n_requests)
+        for block, layer in zip(self.blocks, cache.layers):
+            x_ns = self._call(block.forward_ns, x_ns, layer, packing)  # (B, L_NS, d)
+        return self.norm_f(x_ns)
+
+    def score(self, cache: RequestCache, ns: dict, request_index: torch.Tensor) -> torch.Tensor:
+        """Logits (B, n_tasks) of candidates (``ns``: NS feature ids, as in ``Batch.ns``) of cached requests:
+        serving's Stage II. No candidates: an empty (0, n_tasks) tensor."""
+        if request_index.numel() == 0:
+            return torch.zeros(0, self.n_tasks, device=request_index.device)
+        if int(request_index.max()) >= cache.n_requests or int(request_index.min()) < 0:
+            raise ValueError(f"request_index must be in [0, {cache.n_requests}) (the cached requests)")
+        x_ns = self.tokenizer.ns(self.tokenizer.embeddings, ns)  # (B, L_NS, d)
+        return self.head(self.stage_two(cache, x_ns, request_index))
+
+    # -- forward_full: the slow twin, every candidate with its own copy of the history -----------------
+    def forward_full(self, batch, targets: torch.Tensor | None = None):
         self.check_batch(batch)
         x_s, s_real, x_ns = self.tokenizer(batch)  # (R, L_S, d), (R, L_S), (B, L_NS, d)
         ri = batch.request_index
-        h_ns, _ = self.run_blocks(x_s[ri], s_real[ri], x_ns)  # every candidate with its request's S-tokens
-        return h_ns
+        h_ns, _ = self.run_blocks(x_s[ri], s_real[ri], x_ns)  # (B, L_NS, d): each candidate with its request's S
+        logits = self.head(h_ns)
+        return logits, task_loss(logits, targets)
 
     def run_blocks(self, x_s: torch.Tensor, s_real: torch.Tensor, x_ns: torch.Tensor, return_states: bool = False):
-        """The block stack on tokens: x_s (N, L_S, d), s_real (N, L_S) bool, x_ns (N, L_NS, d).
+        """The block stack on full sequences: x_s (N, L_S, d), s_real (N, L_S) bool, x_ns (N, L_NS, d).
 
         Returns ``(norm_f(x_ns) (N, L_NS, d), states)``; with ``return_states``, ``states[l]`` is a dict of
         layer l's outputs: ``x_s`` (N, q_l, d) (the LAST q_l S positions of the input; None at the top),
@@ -272,12 +324,19 @@ class OneTrans(nn.Module):
         """
         states = []
         for block, n_q in zip(self.blocks, self.schedule(x_s.shape[1])):
-            x_s_next, x_ns = block(x_s, x_ns, s_real, n_q)
+            x_s_next, x_ns = self._call(block, x_s, x_ns, s_real, n_q)
             s_real = s_real[:, s_real.shape[1] - n_q:]  # (N, n_q) padding flags of the kept tail
             x_s = x_s_next if x_s_next is not None else x_s[:, x_s.shape[1]:]  # (N, n_q, d)
             if return_states:
                 states.append({"x_s": x_s_next, "s_real": s_real, "x_ns": x_ns})
         return self.norm_f(x_ns), states
+
+    def _call(self, fn, *args):
+        """``fn(*args)``, with activation checkpointing when training with it on: only the block's inputs
+        are kept for backward, everything inside is computed again there (memory for compute)."""
+        if self.config.activation_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(fn, *args, use_reentrant=False)
+        return fn(*args)
 
     def head(self, h_ns: torch.Tensor) -> torch.Tensor:
         """Task towers: (B, L_NS, d) -> logits (B, n_tasks)."""
@@ -286,9 +345,11 @@ class OneTrans(nn.Module):
 
     # -- input checks -----------------------------------------------------------------------------
     def check_batch(self, batch) -> None:
-        """Clear errors for a batch that does not match the schema. Shapes always; id ranges too when
-        ``self.check_inputs`` (a few reductions; they synchronize a GPU)."""
-        check_batch(batch, self.schema, self.tokenizer.embeddings.size, self.check_inputs, self.config.max_len)
+        """Clear errors for a batch that does not match the schema. Shapes always; id ranges for a batch on
+        the CPU (a few reductions; on a GPU they would synchronize every step, and a bad id there fails in
+        the embedding lookup's device assert anyway)."""
+        check_batch(batch, self.schema, self.tokenizer.embeddings.size, batch.seq_mask.device.type == "cpu",
+                    self.config.max_len)
 
     # -- accounting -------------------------------------------------------------------------------
     def embedding_parameters(self):
@@ -307,12 +368,16 @@ class OneTrans(nn.Module):
         blocks = sum(p.numel() for p in self.blocks.parameters())
         return {"dense": dense, "embedding": emb, "total": dense + emb, "blocks": blocks}
 
-    def estimate_flops(self, n_candidates: int = 1, n_requests: int | None = None, seq_len: int | None = None) -> dict[str, int]:
+    def estimate_flops(self, n_candidates: int = 1, n_requests: int | None = None, seq_len: int | None = None,
+                       two_stage: bool = False) -> dict[str, int]:
         """Analytic FLOPs of one forward (2 per multiply-add; matmuls only, norms/softmax ignored).
 
-        ``n_requests`` defaults to ``n_candidates`` (one request per candidate); S-tokens are tokenized
-        per request, everything else runs per candidate (the full forward). Attention counts the whole
-        (queries x keys) rectangle that a dense masked kernel computes. Backward is about 2x forward.
+        ``n_requests`` defaults to ``n_candidates`` (one request per candidate). S-tokens are tokenized per
+        request. The blocks' S side (keys/values, S queries, their FFN) runs per candidate in
+        ``forward_full`` and per REQUEST with ``two_stage`` (``forward``); the NS side always per candidate.
+        Attention counts the whole (queries x keys) rectangle that a dense masked kernel computes: in the
+        full forward every query against ``L_S + L_NS`` keys; in Stage I the S queries against the S keys.
+        Backward is about 2x forward.
         """
         cfg = self.config
         n_req = n_candidates if n_requests is None else n_requests
@@ -326,25 +391,20 @@ class OneTrans(nn.Module):
         def seq_mlp(s: nn.Sequential) -> int:
             return lin(s[0]) + lin(s[2])
 
-        tok_s = n_req * length * seq_mlp(self.tokenizer.seq.mlps[0])  # each event goes through ONE MLP_i
+        s_runs = n_req if two_stage else n_candidates  # how often the blocks' S side runs
         ns_tok = self.tokenizer.ns
         tok_ns = sum(seq_mlp(m) for m in ns_tok.mlps) if hasattr(ns_tok, "mlps") else seq_mlp(ns_tok.mlp)
-        proj = attn = ffn = 0
+        out = {"tokenizer": n_req * length * seq_mlp(self.tokenizer.seq.mlps[0]) + n_candidates * tok_ns,
+               "projections": 0, "attention": 0, "ffn": 0}  # each event goes through ONE MLP_i
         ls = n_s
         for n_q in self.schedule(n_s):
-            n_tok = n_q + n_ns  # tokens that issue queries
-            proj += 2 * ls * d * 2 * d  # K, V of every S-token
-            proj += 2 * n_q * d * d * 2 + 2 * n_ns * d * d * 4  # Q and W_O of the queries; Q, K, V, O of NS
-            attn += 2 * 2 * n_tok * (ls + n_ns) * d  # q k^T and p v over all heads
-            ffn += 2 * n_tok * 2 * d * f
+            s_keys = ls if two_stage else ls + n_ns  # Stage I's S queries see S keys only
+            out["projections"] += s_runs * (2 * ls * d * 2 * d + 2 * n_q * d * d * 2)  # K, V of S; Q, W_O of S queries
+            out["projections"] += n_candidates * 2 * n_ns * d * d * 4  # Q, K, V, W_O of the NS-tokens
+            # q k^T and p v over all heads
+            out["attention"] += s_runs * 2 * 2 * n_q * s_keys * d + n_candidates * 2 * 2 * n_ns * (ls + n_ns) * d
+            out["ffn"] += (s_runs * n_q + n_candidates * n_ns) * 2 * 2 * d * f  # W1 and W2
             ls = n_q
-        heads = self.n_tasks * seq_mlp(self.towers[0])
-        out = {
-            "tokenizer": tok_s + n_candidates * tok_ns,
-            "projections": n_candidates * proj,
-            "attention": n_candidates * attn,
-            "ffn": n_candidates * ffn,
-            "heads": n_candidates * heads,
-        }
+        out["heads"] = n_candidates * self.n_tasks * seq_mlp(self.towers[0])
         out["total"] = sum(out.values())
         return out

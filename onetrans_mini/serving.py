@@ -1,4 +1,11 @@
-"""Serving replay: a dataset's test period as a time-ordered stream of requests, scored three ways.
+"""Serving: the feature store of users' events, a server that scores requests, and a replay of a test period.
+
+Top to bottom:
+
+1. ``Events``, ``Window``, ``EventLog``: each user's raw events (what a feature store holds) and the
+   history window the model reads (at most ``max_len`` events; the oldest dropped ``drop_block`` at a time).
+2. ``Server``: scores requests in one of the modes below.
+3. ``replay``: a dataset's test period as a time-ordered stream of requests, scored in several modes.
 
 Each request of the stream is ``(user, events since that user's previous request, candidates)``; the
 first request of a user brings its whole history so far. A ``Server`` appends the events to its
@@ -15,6 +22,7 @@ compares every mode's scores with ``none``. ``onetrans-mini replay`` is the comm
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from dataclasses import dataclass
@@ -22,10 +30,126 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .cache import EventLog, Events, UserCacheStore, Window, forward_per_candidate, forward_two_stage, score
 from .data.batching import Batch
+from .user_cache import UserCacheStore, check_events
 
 MODES = ("none", "request", "both", "approx")
+
+# ----------------------------------------------------------------------------------------------
+# 1. events and the history window
+
+
+class OutOfOrderError(ValueError):
+    """Events older than events already appended (histories are append-only, in time order)."""
+
+
+class UnknownUserError(KeyError):
+    """A user with no events at all: register a cold-start user with ``EventLog.append(user, Events.empty(...))``."""
+
+    def __str__(self):  # KeyError would print the repr of the message
+        return str(self.args[0])
+
+
+@dataclass
+class Events:
+    """Behaviour events of one user, oldest first: ``fields`` event field -> (n,) long ids,
+    ``seq_type`` (n,) long (1-based sequence), ``time`` (n,) float64 timestamps (non-decreasing)."""
+
+    fields: dict[str, torch.Tensor]
+    seq_type: torch.Tensor
+    time: torch.Tensor
+
+    def __post_init__(self):
+        n = self.seq_type.shape[0]
+        bad = [k for k, v in self.fields.items() if tuple(v.shape) != (n,)]
+        if self.seq_type.dim() != 1 or tuple(self.time.shape) != (n,) or bad:
+            raise ValueError(f"Events: seq_type, time and every field must be 1-D of one length n={n}; "
+                             f"got time {tuple(self.time.shape)}, fields {[(k, tuple(self.fields[k].shape)) for k in bad]}")
+        if n > 1 and bool((self.time[1:] < self.time[:-1]).any()):
+            raise OutOfOrderError("Events: timestamps must be non-decreasing (oldest first)")
+
+    def __len__(self) -> int:
+        return self.seq_type.shape[0]
+
+    def slice(self, a: int, b: int | None = None) -> "Events":
+        out = object.__new__(Events)  # a slice of valid events is valid: no need to check it again (every append slices)
+        out.fields, out.seq_type, out.time = {k: v[a:b] for k, v in self.fields.items()}, self.seq_type[a:b], self.time[a:b]
+        return out
+
+    @staticmethod
+    def cat(parts: list["Events"]) -> "Events":
+        return Events({k: torch.cat([p.fields[k] for p in parts]) for k in parts[0].fields},
+                      torch.cat([p.seq_type for p in parts]), torch.cat([p.time for p in parts]))
+
+    @staticmethod
+    def empty(field_names) -> "Events":
+        z = torch.zeros(0, dtype=torch.long)
+        return Events({k: z for k in field_names}, z, torch.zeros(0, dtype=torch.float64))
+
+
+@dataclass
+class Window:
+    """The events the model reads for a request: absolute event indices ``[start, start + len(events))``
+    of the user's history (index 0 = the user's first event ever)."""
+
+    events: Events
+    start: int
+
+    @property
+    def end(self) -> int:
+        return self.start + len(self.events)
+
+
+class EventLog:
+    """Each user's events (what a feature store holds) and the window the model reads.
+
+    The window holds at most ``max_len`` events (the model's ``ModelConfig.max_len``). When an append
+    overflows it, the oldest events go ``drop_block`` at a time, so the window's front moves once every
+    ``drop_block`` appended events (each move costs the user cache a recompute from layer 0's outputs
+    up). ``drop_block=1`` is a sliding window, the training pipeline's "last max_len events"; a larger
+    block keeps between ``max_len - drop_block + 1`` and ``max_len`` events once full (serving then reads
+    a slightly shorter history than training did, the price of amortizing the recompute).
+    """
+
+    def __init__(self, max_len: int, drop_block: int = 1):
+        if not 1 <= drop_block <= max_len:
+            raise ValueError(f"EventLog: drop_block must be in [1, max_len={max_len}], got {drop_block}")
+        self.max_len, self.drop_block = max_len, drop_block
+        self._win: dict = {}  # user -> Window
+        self.truncations = 0  # window front moves, all users
+
+    def __contains__(self, user) -> bool:
+        return user in self._win
+
+    def append(self, user, events: Events) -> Window:
+        """Append a user's new events (oldest first, none older than the user's newest); returns the window."""
+        w = self._win.get(user)
+        if w is None:
+            w = Window(events, 0)
+        else:
+            if len(events) and len(w.events) and float(events.time[0]) < float(w.events.time[-1]):
+                raise OutOfOrderError(
+                    f"user {user!r}: new event at time {float(events.time[0])} is older than the last appended one "
+                    f"({float(w.events.time[-1])}); histories are append-only (late events need a rebuild)")
+            w = Window(Events.cat([w.events, events]) if len(events) else w.events, w.start)
+        over = len(w.events) - self.max_len
+        if over > 0:
+            drop = self.drop_block * math.ceil(over / self.drop_block)
+            w = Window(w.events.slice(drop), w.start + drop)
+            self.truncations += 1
+        self._win[user] = w
+        return w
+
+    def window(self, user) -> Window:
+        if user not in self._win:
+            raise UnknownUserError(f"user {user!r} has no history: nothing is known about it. Append its events first "
+                                   f"(a cold-start user: EventLog.append(user, Events.empty(fields)) scores an empty history)")
+        return self._win[user]
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. the server
+
 
 
 @dataclass
@@ -94,25 +218,32 @@ class Server:
         if mode in ("both", "approx"):
             self.store = UserCacheStore(model, cache_bytes, mode="approx" if mode == "approx" else "exact")
 
+    def load_state_dict(self, state_dict) -> None:
+        """New weights for the model: cached user states were computed with the old ones, so they go too."""
+        self.model.load_state_dict(state_dict)
+        if self.store is not None:
+            self.store.clear()
+
     @torch.inference_mode()
     def score(self, req: Request) -> torch.Tensor:
-        """Logits (C, n_tasks) of the request's candidates. Its events are appended first; a request with
-        no candidates returns an empty (0, n_tasks) tensor (its events are kept; the user cache catches up
-        at the user's next scored request)."""
-        window = self.log.append(req.user, req.new_events)
+        """Logits (C, n_tasks) of the request's candidates. Its events are checked, then appended; a request
+        with no candidates returns an empty (0, n_tasks) tensor (its events are kept; the user cache catches
+        up at the user's next scored request)."""
         model = self.model
+        check_events(model, req.new_events)  # before anything is stored: a rejected request changes nothing
+        window = self.log.append(req.user, req.new_events)
         if req.n_candidates == 0:
             return torch.zeros(0, model.n_tasks)
         if self.store is not None:
             rc = self.store.request_cache(req.user, window)
-            return score(model, rc, req.ns, torch.zeros(req.n_candidates, dtype=torch.long))
+            return model.score(rc, req.ns, torch.zeros(req.n_candidates, dtype=torch.long))
         batch = window_batch(window, req.ns, model.n_tasks)
         if self.mode == "none":
-            return forward_per_candidate(model, batch)
-        return forward_two_stage(model, batch)[0]
+            return model.forward_full(batch)[0]  # every candidate with its own copy of the history
+        return model(batch)[0]  # Stage I once, Stage II per candidate
 
 
-def _pct(x, q):
+def percentile(x, q: float) -> float:
     return float(np.percentile(np.asarray(x), q)) if len(x) else float("nan")
 
 
@@ -129,37 +260,33 @@ def replay(model, data, modes=("none", "request", "both"), split: str = "test", 
     stream = list(replay_stream(data, split, max_requests))
     if not stream:
         raise ValueError(f"replay: the {split!r} split has no requests")
-    check, model.check_inputs = model.check_inputs, False  # ids come from the prepared data: measure the model
     out, scores = {}, {}
-    try:
-        for mode in modes:
-            warm = Server(model, mode, drop_block, cache_bytes)
-            for req in stream[:warmup]:
-                warm.score(req)
-            server = Server(model, mode, drop_block, cache_bytes)
-            lat, got = [], []
-            t_all = time.perf_counter()
-            for req in stream:
-                t0 = time.perf_counter()
-                got.append(server.score(req))
-                lat.append(time.perf_counter() - t0)
-            total = time.perf_counter() - t_all
-            scores[mode] = torch.cat(got)
-            s = {
-                "requests": len(stream),
-                "candidates": int(sum(r.n_candidates for r in stream)),
-                "p50_ms": 1000 * _pct(lat, 50),
-                "p99_ms": 1000 * _pct(lat, 99),
-                "mean_ms": 1000 * statistics.fmean(lat),
-                "requests_per_s": len(stream) / total,
-                "window_truncations": server.log.truncations,
-            }
-            if server.store is not None:
-                s["cache"] = server.store.stats.as_dict()
-                s["cache"]["users_held"] = len(server.store)
-            out[mode] = s
-    finally:
-        model.check_inputs = check
+    for mode in modes:
+        warm = Server(model, mode, drop_block, cache_bytes)
+        for req in stream[:warmup]:
+            warm.score(req)
+        server = Server(model, mode, drop_block, cache_bytes)
+        lat, got = [], []
+        t_all = time.perf_counter()
+        for req in stream:
+            t0 = time.perf_counter()
+            got.append(server.score(req))
+            lat.append(time.perf_counter() - t0)
+        total = time.perf_counter() - t_all
+        scores[mode] = torch.cat(got)
+        s = {
+            "requests": len(stream),
+            "candidates": int(sum(r.n_candidates for r in stream)),
+            "p50_ms": 1000 * percentile(lat, 50),
+            "p99_ms": 1000 * percentile(lat, 99),
+            "mean_ms": 1000 * statistics.fmean(lat),
+            "requests_per_s": len(stream) / total,
+            "window_truncations": server.log.truncations,
+        }
+        if server.store is not None:
+            s["cache"] = server.store.stats.as_dict()
+            s["cache"]["users_held"] = len(server.store)
+        out[mode] = s
     ref = "none" if "none" in scores else next(iter(scores))
     for mode, sc in scores.items():
         out[mode]["max_abs_diff"] = float((sc - scores[ref]).abs().max()) if len(sc) else 0.0
@@ -225,10 +352,8 @@ def cli_replay(args) -> int:
     if bad or not modes:
         return _fail(f"--modes: expected a comma-separated subset of {','.join(MODES)}, got {args.modes!r}")
     if args.run:
-        try:
-            from .train import load_run
-        except ImportError as e:
-            return _fail(f"--run needs onetrans_mini.train.load_run, which this installation lacks ({e})")
+        from .checkpoint import load_run
+
         run = load_run(args.run)
         model, data = run.model, run.data
         if not isinstance(model, OneTrans):

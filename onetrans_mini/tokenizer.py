@@ -19,16 +19,15 @@ S-tokens carry no absolute position embedding. Order is visible to the causal at
 (a token sees exactly its prefix), and time enters through prefix-stable event fields such as the
 gap to the previous event. An index counted from the left padding or from the newest event would
 change every S-token whenever an event is appended, and "time since the event, at request time"
-would change with every request: either would invalidate cached S keys/values (``cache.py``).
+would change with every request: either would invalidate cached S keys/values (``user_cache.py``).
 """
 
 from __future__ import annotations
 
-from typing import Mapping, NamedTuple
+from typing import Mapping
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from einops import rearrange
 
 from .config import ModelConfig
@@ -56,16 +55,6 @@ def n_sep_tokens(config: ModelConfig, schema: Schema) -> int:
 def n_s_tokens(config: ModelConfig, schema: Schema, seq_len: int | None = None) -> int:
     """L_S = events (``seq_len``, default ``config.max_len``) + [SEP] tokens."""
     return (config.max_len if seq_len is None else seq_len) + n_sep_tokens(config, schema)
-
-
-class FusedEventMLP(NamedTuple):
-    """``SequenceTokenizer.fused_event_weights``: the sequences' MLPs side by side (see there)."""
-
-    tables: tuple[torch.Tensor, ...]  # each event field's embedding table (the weights themselves)
-    w1: torch.Tensor  # (d_in, n_seq * h)
-    b1: torch.Tensor  # (n_seq * h,)
-    w2: torch.Tensor  # (n_seq * h, d)
-    per_type: torch.Tensor  # (n_seq, n_seq * h + d): [select | shift], one row per sequence (type 1..n_seq)
 
 
 def mlp(d_in: int, d_hidden: int, d_out: int) -> nn.Sequential:
@@ -204,56 +193,12 @@ class SequenceTokenizer(nn.Module):
         for i, f in enumerate(self.mlps):  # a loop over a handful of SEQUENCES, never over positions
             sel = seq_mask & (seq_type == i + 1)  # (R, L)
             # an empty selection still runs (and gives MLP_i a zero gradient): DDP needs every param used
-            x = x.index_put((sel,), f(e[sel]))  # rows of sequence i through MLP_i
+            # (under autocast the MLP returns bf16 rows: written into the fp32 stream as they would be added)
+            x = x.index_put((sel,), f(e[sel]).to(x.dtype))  # rows of sequence i through MLP_i
         if self.merge == "timestamp_aware":
             x = x + self.type_emb(seq_type * seq_mask)  # (R, L, d), type 0 (zero) on padding
             return x, seq_mask
         return self._regroup(x, seq_type, seq_mask)
-
-    def fused_event_weights(self, emb: FeatureEmbeddings) -> "FusedEventMLP":
-        """The sequences' MLPs side by side, for ``event_tokens``: MLP_i is ``Linear(W1_i, b1_i) -> GELU ->
-        Linear(W2_i, b2_i)`` with hidden width h; laid side by side, one matmul computes every MLP's hidden
-        units for every event, a 0/1 row per sequence type keeps only the event's own MLP's units, and a
-        second matmul adds up that MLP's output (the other units are zero). Each output row then takes
-        ``b2_i`` plus its type embedding. Both per-type rows sit in one table (one lookup)::
-
-            w1 (d_in, n h) = [W1_1^T | ... | W1_n^T]     per_type (n, n h + d) = [select | shift], row i - 1:
-            b1 (n h,)      = [b1_1 ; ... ; b1_n]           select: 1 on MLP_i's units, 0 elsewhere
-            w2 (n h, d)    = [W2_1^T ; ... ; W2_n^T]        shift:  b2_i + type_emb_i
-
-        With each event field's embedding table (``emb``'s, not a copy). The rest are copies of the
-        weights: rebuild after the weights change (the user cache does, see ``cache._FastPath``)."""
-        if self.merge != "timestamp_aware":
-            raise ValueError("event_tokens: only the timestamp-aware merge makes each token depend on its own event")
-        lin1s, lin2s = [m[0] for m in self.mlps], [m[2] for m in self.mlps]
-        h = lin1s[0].out_features
-        select = lin1s[0].weight.new_zeros(self.n_sequences, self.n_sequences * h)
-        for i in range(self.n_sequences):
-            select[i, i * h:(i + 1) * h] = 1
-        shift = torch.stack([lin.bias for lin in lin2s]) + self.type_emb.weight[1:]  # (n, d); type 0 is padding
-        tables = tuple(emb.tables[emb.owner[name]].weight for name in self.fields)
-        return FusedEventMLP(tables=tables, w1=torch.cat([lin.weight.t() for lin in lin1s], 1),
-                             b1=torch.cat([lin.bias for lin in lin1s]), w2=torch.cat([lin.weight.t() for lin in lin2s], 0),
-                             per_type=torch.cat([select, shift], 1))
-
-    def event_tokens(self, emb: FeatureEmbeddings, seq: dict[str, torch.Tensor], seq_type: torch.Tensor,
-                     fused: "FusedEventMLP | None" = None) -> torch.Tensor:
-        """S-tokens (n, d) of n real events (ids (n,) per field, ``seq_type`` (n,) in 1..n_sequences): the
-        timestamp-aware tokens of ``forward`` for one unpadded row, in a handful of operations, for the
-        cross-request cache's appends of a few events, where each module call costs as much as the maths.
-        Every sequence's MLP runs on every event (``fused_event_weights``, built from ``emb`` and this
-        module if ``fused`` is not given; ``emb`` is not read otherwise): for a few rows that is cheaper than
-        ``forward``'s gather and scatter of each sequence's rows. Tested equal to ``forward``. An id outside
-        its table, or a ``seq_type`` outside 1..n_sequences, raises ``IndexError`` (the lookups check; the user
-        cache turns it into a message that names the field)."""
-        f = self.fused_event_weights(emb) if fused is None else fused
-        # event fields are single-valued (the schema says so): a plain lookup in each field's table
-        e = torch.cat([F.embedding(seq[name], table) for name, table in zip(self.fields, f.tables)], dim=-1)
-        hidden = F.gelu(torch.addmm(f.b1, e, f.w1))  # (n, n_seq * h): every MLP's hidden units
-        per_type = F.embedding(seq_type - 1, f.per_type)  # (n, n_seq * h + d): [select | shift] of each event's type
-        nh = hidden.shape[1]
-        hidden = hidden * per_type[:, :nh]  # only the event's own MLP's units stay
-        return torch.addmm(per_type[:, nh:], hidden, f.w2)  # (n, d): MLP_{seq_type} + type embedding
 
     def _regroup(self, x: torch.Tensor, seq_type: torch.Tensor, real: torch.Tensor):
         """Timestamp-agnostic layout of each row: [PAD.. | seq 1 | SEP | seq 2 | SEP | ... | seq n].

@@ -4,7 +4,7 @@ Read attention back the annotated-transformer way: the model keeps its probabili
 ``capture_attention`` is on, and the helpers here turn them into tables and figures::
 
     with torch.no_grad(), capture_attention(model) as maps:
-        model(batch)
+        model.forward_full(batch)
     ns_to_s_grid(maps, batch)                         # NS-token -> history heatmaps, every layer and head
     table = ns_to_s_table(maps, batch)                # one row per (layer, candidate, history event)
     attention_by_recency(table)                       # NS->S mass by distance from the newest event

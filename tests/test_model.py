@@ -118,24 +118,6 @@ def test_timestamp_aware_adds_a_type_embedding_and_keeps_time_order():
     torch.testing.assert_close(x2, x)  # no other token moved
 
 
-def test_event_tokens_equal_the_padded_forward_on_real_positions():
-    """The cache's few-row tokenizer (every MLP on every event, then a gather) is the slow forward's maths."""
-    model = make_model()
-    tok = model.tokenizer
-    batch = make_batch()
-    x, real = tok.seq(tok.embeddings, batch.seq, batch.seq_type, batch.seq_mask)
-    for r in range(batch.seq_type.shape[0]):
-        keep = real[r]
-        if not keep.any():
-            continue
-        got = tok.seq.event_tokens(tok.embeddings, {f: v[r][keep] for f, v in batch.seq.items()}, batch.seq_type[r][keep])
-        torch.testing.assert_close(got, x[r][keep], **TOL)
-    assert set(batch.seq_type[batch.seq_mask].tolist()) == {1, 2}  # both sequences (both MLPs) were exercised
-    agnostic = make_model(tiny_config(seq_merge="timestamp_agnostic")).tokenizer
-    with pytest.raises(ValueError, match="timestamp-aware"):
-        agnostic.seq.event_tokens(agnostic.embeddings, {f: v[0] for f, v in batch.seq.items()}, batch.seq_type[0])
-
-
 # ----------------------------------------------------------------------------------------------
 # pyramid
 
@@ -188,17 +170,30 @@ def test_pyramid_pruned_queries_equal_full_computation_then_tail(n_layers):
 
 
 def test_pyramid_really_saves_compute():
-    """Counted FLOPs (explicit attention, so every matmul is visible) equal the analytic estimate, and
-    the pyramid's count is lower: queries, attention and FFN run for the kept tail only."""
+    """Counted FLOPs (explicit attention, so every matmul is visible) equal the analytic estimate, for the
+    full forward and the request-level one, and the pyramid's count is lower: queries, attention and FFN
+    run for the kept tail only."""
     counted = {}
     for pyr in (True, False):
         model = make_model(tiny_config(n_layers=4, max_len=32, pyramid_granularity=4, pyramid=pyr))
         batch = make_batch(n_requests=3, cands_per_request=(1, 1, 1), seq_len=32, lengths=[32, 32, 32])
-        with explicit_attention(model), FlopCounterMode(display=False) as fc:
-            model(batch)
-        counted[pyr] = fc.get_total_flops()
-        assert counted[pyr] == model.estimate_flops(3)["total"]
-    assert counted[True] < 0.8 * counted[False]
+        for fwd, two_stage in ((model.forward_full, False), (model, True)):
+            with explicit_attention(model), FlopCounterMode(display=False) as fc:
+                fwd(batch)
+            counted[pyr, two_stage] = fc.get_total_flops()
+            assert counted[pyr, two_stage] == model.estimate_flops(3, two_stage=two_stage)["total"]
+    assert counted[True, False] < 0.8 * counted[False, False]
+    assert counted[True, True] < 0.8 * counted[False, True]
+
+
+def test_two_stage_flops_are_per_request_on_the_s_side():
+    """With C candidates per request, the request-level forward's S side does not grow with C: each extra
+    candidate adds exactly its NS side (projections, attention, FFN, tower)."""
+    model = make_model(tiny_config(n_layers=4))
+    c1, c2, c3 = (model.estimate_flops(c, n_requests=1, two_stage=True)["total"] for c in (1, 2, 3))
+    full = model.estimate_flops(64, n_requests=1)["total"]
+    assert c3 - c2 == c2 - c1 < c1  # linear in C, and a candidate costs less than the S side
+    assert model.estimate_flops(64, n_requests=1, two_stage=True)["total"] < full / 2
 
 
 def test_pyramid_tail_holds_no_padding_when_history_is_long_enough():
@@ -334,20 +329,23 @@ def test_empty_history_gives_finite_outputs():
 
 
 def test_blocks_split_into_stage_one_and_stage_two():
-    """Stage I per REQUEST (S-tokens alone, K/V kept per layer), Stage II per candidate (NS-tokens
-    against the request's cached K/V) reproduce the full per-candidate forward."""
+    """Stage I per REQUEST (S-tokens alone, K/V kept per layer), Stage II per candidate (NS-tokens against
+    their request's cached K/V, packed) reproduce the full per-candidate forward, block by block."""
+    from onetrans_mini.attention import Packing
+    from onetrans_mini.kv_cache import LayerKV
+
     model = make_model(tiny_config(n_layers=4))
     batch = make_batch(lengths=[16, 7, 0], seed=7)
-    full = model(batch)[0]
+    full = model.forward_full(batch)[0]
     x_s, s_real, x_ns = model.tokenizer(batch)  # S-tokens once per request
-    ri = batch.request_index
+    packing = Packing(batch.request_index, x_s.shape[0])
     for block, n_q in zip(model.blocks, model.schedule(x_s.shape[1])):
-        x_s_next, kv = block.forward_s(x_s, s_real, n_q)  # Stage I: (R, n_q, d), 2 x (R, H, Ls, hd)
-        x_ns = block.forward_ns(x_ns, (kv[0][ri], kv[1][ri]), s_real[ri])  # Stage II: (B, L_NS, d)
+        x_s_next, (k, v) = block.forward_s(x_s, s_real, n_q)  # Stage I: (R, n_q, d), 2 x (R, H, Ls, hd)
+        x_ns = block.forward_ns(x_ns, LayerKV(k, v, s_real), packing)  # Stage II: (B, L_NS, d)
         s_real = s_real[:, s_real.shape[1] - n_q:]
         x_s = x_s_next
-    two_stage = model.head(model.norm_f(x_ns))
-    torch.testing.assert_close(two_stage, full, **TOL)
+    torch.testing.assert_close(model.head(model.norm_f(x_ns)), full, **TOL)
+    torch.testing.assert_close(model(batch)[0], full, **TOL)  # what the model's forward runs
 
 
 # ----------------------------------------------------------------------------------------------

@@ -8,30 +8,21 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from helpers_model import single_thread  # noqa: F401  (autouse fixture)
 from helpers_model import all_switch_combos, make_batch, make_model, tiny_config
-from onetrans_mini.cache import (
-    EventLog,
-    Events,
-    OutOfOrderError,
-    RequestCache,
-    UnknownUserError,
-    UserCache,
-    UserCacheStore,
-    Window,
-    forward_per_candidate,
-    forward_two_stage,
-    forget_weights,
-    fresh_stage_one,
-    score,
-    stage_one,
-    stage_two,
-)
-from onetrans_mini.serving import Request, Server, replay, window_batch
+from onetrans_mini.kv_cache import RequestCache
+from onetrans_mini.serving import (EventLog, Events, OutOfOrderError, Request, Server, UnknownUserError, Window, replay,
+                                   window_batch)
+from onetrans_mini.user_cache import UserCache, UserCacheStore, fresh_stage_one, plan
 
 TOL = 1e-5
 
 
 def max_diff(a, b) -> float:
-    return float((a - b).abs().max())
+    return float((a - b).detach().abs().max())
+
+
+def per_candidate(model, batch) -> torch.Tensor:
+    """The slow twin: the full forward of every candidate with its own copy of the request's history."""
+    return model.forward_full(batch)[0]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -40,14 +31,13 @@ def max_diff(a, b) -> float:
 
 @pytest.mark.parametrize("pyramid", [True, False])
 @pytest.mark.parametrize("n_cand", [1, 7, 64])
-@pytest.mark.parametrize("impl", ["split", "sdpa"])
-def test_two_stage_equals_full_forward_per_candidate(pyramid, n_cand, impl):
+def test_two_stage_equals_full_forward_per_candidate(pyramid, n_cand):
     """Requests of different history lengths (padding, one empty) and candidate counts in one batch."""
     model = make_model(tiny_config(pyramid=pyramid, n_layers=4))
     batch = make_batch(3, (n_cand, 3, 1), lengths=[16, 7, 0], seed=n_cand)
     with torch.no_grad():
-        fast, _ = forward_two_stage(model, batch, impl=impl)
-        slow = forward_per_candidate(model, batch)
+        fast, _ = model(batch)
+        slow = per_candidate(model, batch)
     assert fast.shape == (batch.n_candidates, 2)
     assert max_diff(fast, slow) <= TOL
 
@@ -59,7 +49,7 @@ def test_two_stage_with_interleaved_candidates():
     perm = torch.randperm(batch.n_candidates, generator=torch.Generator().manual_seed(0))
     shuffled = batch.select_candidates(perm)
     with torch.no_grad():
-        assert max_diff(forward_two_stage(model, shuffled)[0], forward_per_candidate(model, shuffled)) <= TOL
+        assert max_diff(model(shuffled)[0], per_candidate(model, shuffled)) <= TOL
 
 
 @pytest.mark.parametrize("combo", [c for c in all_switch_combos() if c["causal"]], ids=str)
@@ -67,13 +57,17 @@ def test_two_stage_in_every_causal_switch_combination(combo):
     model = make_model(tiny_config(**combo))
     batch = make_batch(3, (3, 1, 2), lengths=[16, 5, 1], seed=5)
     with torch.no_grad():
-        assert max_diff(forward_two_stage(model, batch)[0], forward_per_candidate(model, batch)) <= TOL
+        assert max_diff(model(batch)[0], per_candidate(model, batch)) <= TOL
 
 
 def test_full_attention_ablation_rules_out_the_cache():
+    """With causal=False an S-token sees the candidate: the forward is the full one, no cache can be built."""
     model = make_model(tiny_config(causal=False))
+    batch = make_batch()
+    assert max_diff(model(batch)[0], per_candidate(model, batch)) == 0
+    x_s, s_real, _ = model.tokenizer(batch)
     with pytest.raises(ValueError, match="causal attention"):
-        forward_two_stage(model, make_batch())
+        model.stage_one(x_s, s_real)
     with pytest.raises(ValueError, match="causal attention"):
         UserCacheStore(model, 1 << 20)
 
@@ -97,10 +91,10 @@ def test_stage_two_holds_no_per_candidate_copy_of_the_history():
 
     with torch.no_grad():
         x_s, s_real, x_ns = model.tokenizer(batch)
-        cache = stage_one(model, x_s, s_real)
+        cache = model.stage_one(x_s, s_real)
         assert cache.layers[0].k.shape[0] == batch.n_requests  # one copy per REQUEST
         with Biggest():
-            stage_two(model, cache, x_ns, batch.request_index)
+            model.stage_two(cache, x_ns, batch.request_index)
     assert 0 < Biggest.numel < b * ls * d
 
 
@@ -109,7 +103,7 @@ def test_training_path_gradients_equal_per_candidate_gradients():
     model.train()  # dropout is 0 in the preset: train mode changes nothing but must be allowed
     batch = make_batch(3, (5, 1, 3), lengths=[16, 6, 0], seed=11)
     targets = batch.labels
-    _, loss = forward_two_stage(model, batch, targets)
+    _, loss = model(batch, targets)
     loss.backward()
     fast = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad(set_to_none=True)
@@ -130,14 +124,14 @@ def test_empty_candidate_lists():
     model = make_model()
     batch = make_batch(2, (0, 0), lengths=[5, 3])
     with pytest.raises(ValueError, match="no candidates"):
-        forward_two_stage(model, batch)
+        model(batch)
     x_s, s_real, _ = model.tokenizer(batch)
-    out = score(model, stage_one(model, x_s, s_real), batch.ns, batch.request_index)
+    out = model.score(model.stage_one(x_s, s_real), batch.ns, batch.request_index)
     assert out.shape == (0, 2)
     # a request with no candidates next to requests with some
     batch = make_batch(3, (2, 0, 3), lengths=[5, 3, 16], seed=2)
     with torch.no_grad():
-        assert max_diff(forward_two_stage(model, batch)[0], forward_per_candidate(model, batch)) <= TOL
+        assert max_diff(model(batch)[0], per_candidate(model, batch)) <= TOL
 
 
 def test_request_caches_stack_with_padding():
@@ -151,8 +145,8 @@ def test_request_caches_stack_with_padding():
             uc = UserCache()
             uc.advance(model, w)
             ucs.append(uc.request_cache())
-        out = score(model, RequestCache.stack(ucs), batch.ns, batch.request_index)
-        assert max_diff(out, forward_per_candidate(model, batch)) <= TOL
+        out = model.score(RequestCache.stack(ucs), batch.ns, batch.request_index)
+        assert max_diff(out, per_candidate(model, batch)) <= TOL
 
 
 # ----------------------------------------------------------------------------------------------
@@ -184,7 +178,7 @@ class Stream:
 
 def _reference(model, window: Window, ns: dict) -> torch.Tensor:
     """Recompute from scratch: the full forward of every candidate over the window."""
-    return forward_per_candidate(model, window_batch(window, ns, model.n_tasks))
+    return per_candidate(model, window_batch(window, ns, model.n_tasks))
 
 
 @pytest.mark.parametrize("pyramid,n_layers,drop_block", [(True, 4, 4), (False, 4, 4), (True, 3, 1), (True, 5, 3)])
@@ -203,7 +197,7 @@ def test_user_cache_equals_recompute_over_appends_truncations_and_evictions(pyra
         window = log.append(user, stream.events(n))
         with torch.no_grad():
             rc = store.request_cache(user, window)
-            got = score(model, rc, ns, torch.zeros(6, dtype=torch.long))
+            got = model.score(rc, ns, torch.zeros(6, dtype=torch.long))
             want = _reference(model, window, ns)
             assert max_diff(got, want) <= TOL, f"step {step}"
             # the cached keys/values themselves equal a fresh Stage I's, layer by layer
@@ -211,8 +205,8 @@ def test_user_cache_equals_recompute_over_appends_truncations_and_evictions(pyra
             for a, b in zip(rc.layers, ref.layers):
                 ka, kb = a.k[:, :, a.s_real[0]], b.k[:, :, b.s_real[0]]
                 assert ka.shape == kb.shape and max_diff(ka, kb) <= TOL if ka.numel() else True
-        assert store.nbytes <= store.max_bytes
-        assert sum(uc.nbytes for uc in store._users.values()) == store.nbytes
+        assert store.stats.bytes_held <= store.max_bytes
+        assert sum(uc.nbytes for uc in store._users.values()) == store.stats.bytes_held
     st = store.stats
     assert st.hits > 0 and st.evictions > 0 and st.truncations > 0 and log.truncations > 0
     assert st.positions_reused > 0
@@ -231,36 +225,12 @@ def test_append_computes_only_the_new_events_where_reuse_is_exact():
         ev = s.events(14)
         uc = UserCache()
         uc.advance(model, Window(ev.slice(0, 10), 0))
-        info = uc.advance(model, Window(ev, 0))
-        assert not info["fresh"] and not info["window_moved"][0] and not info["window_moved"][1]
+        steps = uc.advance(model, Window(ev, 0))
+        assert not steps[0].window_moved and not steps[1].window_moved
         if not moved:
-            assert all(c <= 4 for c in info["computed"]), info
+            assert all(st.computed(14) <= 4 for st in steps), steps
         else:
-            assert info["window_moved"][2] and info["computed"][2] == model.layer_queries[2], info
-
-
-def test_user_cache_fused_attention_path_and_thread_count(monkeypatch):
-    """The fused-attention branch of the incremental S path (many queries) and the few-rows rule (one thread,
-    oneDNN off; the caller's settings must be restored) give the same states."""
-    import onetrans_mini.cache as cache_mod
-
-    model = make_model(tiny_config(n_layers=4))
-    s = Stream()
-    ev = s.events(16)
-    ns = make_batch(1, (3,), seed=1).ns
-    ri = torch.zeros(3, dtype=torch.long)
-    monkeypatch.setattr(cache_mod, "SDPA_MIN_QUERIES", 0)
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        uc = UserCache()
-        uc.advance(model, Window(ev.slice(0, 12), 0))
-        uc.advance(model, Window(ev, 0))
-        assert torch.get_num_threads() == 2 and torch.backends.mkldnn.enabled  # both global settings restored
-    finally:
-        torch.set_num_threads(before)
-    with torch.no_grad():
-        assert max_diff(score(model, uc.request_cache(), ns, ri), _reference(model, Window(ev, 0), ns)) <= TOL
+            assert steps[2].window_moved and steps[2].computed(14) == model.layer_queries[2], steps
 
 
 def test_approximate_mode_reuses_everything_and_drifts_only_where_exactness_needs_recompute():
@@ -274,8 +244,8 @@ def test_approximate_mode_reuses_everything_and_drifts_only_where_exactness_need
     for n in (3, 2, 4, 5, 6, 2):
         w = log.append(0, s.events(n))
         with torch.no_grad():
-            a = score(model, exact.request_cache(0, w), ns, ri)
-            b = score(model, approx.request_cache(0, w), ns, ri)
+            a = model.score(exact.request_cache(0, w), ns, ri)
+            b = model.score(approx.request_cache(0, w), ns, ri)
         if w.end <= model.layer_queries[1]:  # no window has moved yet: both are exact
             drift_before = max(drift_before, max_diff(a, b))
         else:
@@ -293,7 +263,7 @@ def test_timestamp_agnostic_merge_falls_back_to_recompute_and_says_so():
     for n in (4, 3, 12):
         w = log.append(7, s.events(n))
         with torch.no_grad():
-            got = score(model, store.request_cache(7, w), ns, torch.zeros(3, dtype=torch.long))
+            got = model.score(store.request_cache(7, w), ns, torch.zeros(3, dtype=torch.long))
             assert max_diff(got, _reference(model, w, ns)) <= TOL
     assert store.stats.fallbacks == 3 and store.stats.hits == 0 and len(store) == 0
     with pytest.raises(ValueError, match="timestamp_aware"):
@@ -309,11 +279,11 @@ def test_store_bound_and_lru_order():
     log = EventLog(16)
     for user in (0, 1, 0, 2):  # 0 is used again, so 1 is the least recently used when 2 arrives
         store.request_cache(user, log.append(user, s.events(8 if user not in log else 0)))
-        assert store.nbytes <= store.max_bytes
+        assert store.stats.bytes_held <= store.max_bytes
     assert 0 in store and 2 in store and 1 not in store and store.stats.evictions == 1
     tiny = UserCacheStore(model, max_bytes=10)  # a state larger than the whole store is returned, not kept
     tiny.request_cache(5, log.append(5, s.events(4)))
-    assert len(tiny) == 0 and tiny.stats.not_stored == 1 and tiny.nbytes == 0
+    assert len(tiny) == 0 and tiny.stats.not_stored == 1 and tiny.stats.bytes_held == 0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -330,7 +300,7 @@ def test_unknown_user_without_history_is_an_error_and_cold_start_is_explicit():
     ns = make_batch(1, (2,), seed=1).ns
     store = UserCacheStore(model, 1 << 20)
     with torch.no_grad():
-        got = score(model, store.request_cache(42, w), ns, torch.zeros(2, dtype=torch.long))
+        got = model.score(store.request_cache(42, w), ns, torch.zeros(2, dtype=torch.long))
         assert max_diff(got, _reference(model, w, ns)) <= TOL
 
 
@@ -435,36 +405,10 @@ def test_cli_replay_on_synthetic(tiny_data, capsys):
     assert "--modes" in capsys.readouterr().err
 
 
-def test_request_level_wrapper_equals_two_stage_and_full_forward():
-    """The trainer's wrapper: same logits and loss as the full forward per candidate, same gradients."""
-    from onetrans_mini.cache import RequestLevel, supports_request_level
-    from onetrans_mini.config import get_preset
-    from onetrans_mini.data import load_synthetic
-    from onetrans_mini.model import OneTrans
-
-    d = load_synthetic("tiny")
-    torch.manual_seed(0)
-    model = OneTrans(get_preset("nano"), d.schema, d.vocab_sizes())
-    assert supports_request_level(model)
-    assert not supports_request_level(OneTrans(get_preset("nano", causal=False), d.schema, d.vocab_sizes()))
-    batch = d.collate(d.request_ids("train")[:6], max_len=16)
-    wrapped = RequestLevel(model)
-    assert list(wrapped.parameters()) == list(model.parameters())
-    logits, loss = wrapped(batch, batch.labels)
-    ref_logits, ref_loss = model(batch.expand_per_candidate(), batch.labels)
-    torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=0)
-    loss.backward()
-    g = [p.grad.clone() for p in model.parameters()]
-    model.zero_grad()
-    ref_loss.backward()
-    for a, p in zip(g, model.parameters()):
-        torch.testing.assert_close(a, p.grad, atol=1e-5, rtol=1e-4)
-
-
-def _appended(model, uc, ev, ns):
-    """Advance ``uc`` to the window of events ``ev`` and score candidates ``ns`` over it."""
-    uc.advance(model, Window(ev, 0))
-    return score(model, uc.request_cache(), ns, torch.zeros(len(next(iter(ns.values()))), dtype=torch.long))
+def test_user_cache_needs_eval_mode_when_the_model_has_dropout():
+    model = make_model(tiny_config(dropout=0.1)).train()
+    with pytest.raises(ValueError, match=r"eval mode .*model.eval\(\)"):
+        UserCache().advance(model, Window(Stream().events(4), 0))
 
 
 def _check_cache_then_append(model, between=lambda: None):
@@ -475,128 +419,9 @@ def _check_cache_then_append(model, between=lambda: None):
     with torch.no_grad():
         uc.advance(model, Window(ev.slice(0, 8), 0))
         between()
-        got = _appended(model, uc, ev, ns)
+        uc.advance(model, Window(ev, 0))
+        got = model.score(uc.request_cache(), ns, torch.zeros(3, dtype=torch.long))
         assert max_diff(got, _reference(model, Window(ev, 0), ns)) <= TOL
-
-
-def _weight_changes():
-    """(name, change) pairs: each changes the model's weights in one way a user can."""
-    def optimizer_step(m):
-        opt = torch.optim.SGD(m.parameters(), lr=0.5)
-        for p in m.parameters():
-            p.grad = torch.randn_like(p)
-        opt.step()
-
-    def load_values(m):
-        m.load_state_dict(make_model(tiny_config(), seed=1).state_dict())
-
-    def load_assign(m):
-        m.load_state_dict(make_model(tiny_config(), seed=1).state_dict(), assign=True)
-
-    def one_norm_gain(m):  # a single S-side weight: the top layer's norm in front of its keys/values
-        with torch.no_grad():
-            m.blocks[-1].norm1.weight.mul_(3.0)
-
-    def to_float64(m):
-        m.double()
-
-    def replaced_submodule(m):  # a whole module swapped for another with other weights
-        m.blocks[0].attn.kv = make_model(tiny_config(), seed=1).blocks[0].attn.kv
-
-    def replaced_block(m):
-        m.blocks[1] = make_model(tiny_config(), seed=1).blocks[1]
-
-    def replaced_table(m):
-        other = make_model(tiny_config(), seed=1).tokenizer.embeddings.tables
-        for name in m.tokenizer.embeddings.tables:
-            m.tokenizer.embeddings.tables[name] = other[name]
-
-    def blocks_round_trip_through_half(m):  # .to() on a submodule: new storage, rounded values
-        m.blocks.half()
-        m.blocks.float()
-
-    def norm_eps(m):
-        m.blocks[0].norm2.eps = 0.5
-
-    return [("optimizer_step", optimizer_step), ("load_state_dict", load_values),
-            ("load_state_dict(assign=True)", load_assign), ("one norm gain", one_norm_gain), (".double()", to_float64),
-            ("replaced submodule", replaced_submodule), ("replaced block", replaced_block),
-            ("replaced embedding tables", replaced_table), ("blocks.half().float()", blocks_round_trip_through_half),
-            ("norm eps", norm_eps)]
-
-
-@pytest.mark.parametrize("name,change", _weight_changes(), ids=[n for n, _ in _weight_changes()])
-def test_user_cache_recomputes_states_after_the_weights_change(name, change):
-    """The append path prepares tensors from the weights (fused, with norm gains folded in) and every cached
-    state was computed with them: after any change to the weights, the next append must use the new weights
-    everywhere (it recomputes the user's state, and says so), and the store counts it."""
-    model = make_model()
-    s = Stream()
-    ev = s.events(12)
-    ns = make_batch(1, (3,), seed=1).ns
-    store = UserCacheStore(model, max_bytes=1 << 30)
-    with torch.no_grad():
-        store.request_cache("u", Window(ev.slice(0, 8), 0))
-        change(model)
-        rc = store.request_cache("u", Window(ev, 0))
-        got = score(model, rc, ns, torch.zeros(3, dtype=torch.long))
-        want = _reference(model, Window(ev, 0), ns)
-    assert got.dtype == want.dtype and max_diff(got, want) <= TOL
-    assert store.stats.stale == 1 and store.stats.misses == 2 and store.stats.hits == 0
-    with torch.no_grad():  # and the states computed with the new weights are reused again
-        rc = store.request_cache("u", Window(Events.cat([ev, s.events(3)]), 0))
-    assert store.stats.hits == 1 and store.stats.stale == 1
-
-
-def test_a_new_module_elsewhere_does_not_invalidate_cached_users():
-    """Registering parameters or submodules anywhere makes the fast path look again; if its model still holds the
-    same weights, cached states stay valid (a server that builds another model keeps its users)."""
-    model = make_model()
-    s = Stream()
-    ev = s.events(12)
-    store = UserCacheStore(model, max_bytes=1 << 30)
-    with torch.no_grad():
-        store.request_cache("u", Window(ev.slice(0, 8), 0))
-        make_model(tiny_config(), seed=1)  # registers many parameters and modules
-        torch.nn.Linear(2, 2)
-        store.request_cache("u", Window(ev, 0))
-    assert store.stats.hits == 1 and store.stats.stale == 0
-
-
-def test_a_failed_append_after_a_weight_change_leaves_the_state_usable():
-    model = make_model()
-    s = Stream()
-    good, bad, more = s.events(8), s.events(2), s.events(3)
-    bad.seq_type[0] = 7
-    ns = make_batch(1, (3,), seed=1).ns
-    uc = UserCache()
-    with torch.no_grad():
-        uc.advance(model, Window(good, 0))
-        model.blocks[0].norm1.weight.mul_(2.0)
-        with pytest.raises(ValueError, match="seq_type must be in 1..2"):
-            uc.advance(model, Window(Events.cat([good, bad]), 0))
-        window = Window(Events.cat([good, more]), 0)
-        got = _appended(model, uc, window.events, ns)
-        assert max_diff(got, _reference(model, window, ns)) <= TOL
-
-
-def test_user_cache_needs_eval_mode_when_the_model_has_dropout():
-    model = make_model(tiny_config(dropout=0.1)).train()
-    with pytest.raises(ValueError, match=r"eval mode .*model.eval\(\)"):
-        UserCache().advance(model, Window(Stream().events(4), 0))
-
-
-def test_parametrized_weights_are_recomputed_on_every_request_and_say_so():
-    from torch.nn.utils import parametrize
-
-    class Doubled(torch.nn.Module):
-        def forward(self, w):
-            return 2 * w
-
-    model = make_model()
-    parametrize.register_parametrization(model.blocks[0].attn.kv, "weight", Doubled())
-    with pytest.warns(UserWarning, match="parametrized"):
-        _check_cache_then_append(model)
 
 
 def test_schedules_ending_in_several_zero_layers():
@@ -604,47 +429,117 @@ def test_schedules_ending_in_several_zero_layers():
     _check_cache_then_append(make_model(tiny_config(pyramid_schedule=(16, 0, 0))))
 
 
-def test_weights_written_through_data_need_forget_weights():
-    """``.data`` writes bypass version counters: ``forget_weights`` is the documented way to say so."""
-    model = make_model()
-
-    def write_through_data():
-        model.blocks[0].attn.kv.weight.data.mul_(2.0)  # invisible to the version counter
-        forget_weights(model)
-
-    _check_cache_then_append(model, write_through_data)
-
-
-def test_user_cache_of_a_model_built_in_inference_mode():
-    """Inference tensors keep no version counter: every append then recomputes the user's state (exact, not
-    cheap), and a warning says why and what to do."""
-    with torch.inference_mode():
-        model = make_model()
-        s = Stream()
-        ev = s.events(12)
-        ns = make_batch(1, (3,), seed=1).ns
-        uc = UserCache()
-        with pytest.warns(UserWarning, match="inference tensors.*outside inference_mode"):
-            uc.advance(model, Window(ev.slice(0, 8), 0))
-            info = uc.advance(model, Window(ev, 0))
-        got = score(model, uc.request_cache(), ns, torch.zeros(3, dtype=torch.long))
-        assert max_diff(got, _reference(model, Window(ev, 0), ns)) <= TOL
-    assert info["fresh"] and info["stale"]
+def test_the_plan_is_pure_integers_and_names_what_it_reuses():
+    """A 4-layer pyramid over a full window of 16 events (queries 16, 12, 8, 0), 2 events appended after
+    the front dropped 2: layer 0's window moved, so everything is recomputed from its cached inputs."""
+    queries = [16, 12, 8, 0]
+    append = plan(queries, start=0, end=14, cached_end=12, cached_key_starts=[0, 0, 0, 4])
+    assert [(p.inputs_from, p.key_start, p.query_start, p.outputs_from, p.window_moved) for p in append] == [
+        (12, 0, 0, 12, False), (12, 0, 2, 12, False), (12, 2, 6, 6, True), (6, 6, 14, 14, True)]
+    assert [p.computed(14) for p in append] == [2, 2, 8, 0] and [p.reused() for p in append] == [12, 10, 0, 0]
+    approx = plan(queries, start=0, end=14, cached_end=12, cached_key_starts=[0, 0, 0, 4], approx=True)
+    assert [p.outputs_from for p in approx] == [12, 12, 12, 14]  # reuses the moved layer's old outputs
+    truncated = plan(queries, start=2, end=18, cached_end=16, cached_key_starts=[0, 0, 4, 8])
+    assert truncated[0].window_moved and truncated[0].outputs_from == 2  # every layer-0 output again
+    fresh = plan(queries, start=0, end=5, cached_end=0, cached_key_starts=None)
+    assert [p.outputs_from for p in fresh] == [0, 0, 0, 5] and not any(p.window_moved for p in fresh)
 
 
-def test_user_cache_sees_weights_replaced_by_new_parameter_objects():
-    """The incremental path keeps each block's parameter tensors; new values (in place) and new objects
-    (``load_state_dict(assign=True)``) must both reach the next append."""
-    model, other = make_model(), make_model(tiny_config(), seed=1)
-    s = Stream()
-    ev = s.events(12)
-    uc = UserCache()
-    uc.advance(model, Window(ev.slice(0, 8), 0))  # the S paths of the blocks are now built
-    model.load_state_dict(other.state_dict(), assign=True)
-    uc2 = UserCache()
-    uc2.advance(model, Window(ev.slice(0, 8), 0))
-    uc2.advance(model, Window(ev, 0))
-    ns = make_batch(1, (3,), seed=1).ns
+def test_after_new_weights_the_server_forgets_its_cached_users():
+    """Cached states belong to the weights they were computed with: ``Server.load_state_dict`` loads new weights
+    and clears the user cache, so the next request recomputes; without it a state would be stale."""
+    model = make_model(tiny_config(n_layers=4))
+    other = make_model(tiny_config(n_layers=4), seed=1).state_dict()
+    server = Server(model, "both", drop_block=4, cache_bytes=1 << 20)
+    s, ns = Stream(), make_batch(1, (3,), seed=1).ns
+    server.score(Request(0, 0, 0.0, s.events(6), ns, 3))
+    stale = UserCache()  # what a cache that is not cleared would hold: the old weights' states
+    stale.advance(model, server.log.window(0))
+    server.load_state_dict(other)
+    assert len(server.store) == 0
+    req = Request(0, 1, 1.0, s.events(3), ns, 3)
+    got = server.score(req)
+    window = server.log.window(0)
+    assert max_diff(got, _reference(model, window, ns)) <= TOL
     with torch.no_grad():
-        want = _reference(other, Window(ev, 0), ns)
-        assert max_diff(score(model, uc2.request_cache(), ns, torch.zeros(3, dtype=torch.long)), want) <= TOL
+        stale.advance(model, window)
+        old = model.score(stale.request_cache(), ns, torch.zeros(3, dtype=torch.long))
+    assert max_diff(old, got) > 1e-3  # the failure clear() prevents
+
+
+def test_a_rejected_request_changes_nothing():
+    """Bad events are refused before they reach the event log or the user cache: the user's next good
+    request is served from its cached state, exactly."""
+    model = make_model(tiny_config(n_layers=4))
+    server = Server(model, "both", drop_block=4, cache_bytes=1 << 20)
+    s, ns = Stream(), make_batch(1, (3,), seed=1).ns
+    server.score(Request(0, 0, 0.0, s.events(6), ns, 3))
+    bad = s.events(2)
+    bad.fields["hist_item"][0] = 999
+    with pytest.raises(ValueError, match="hist_item"):
+        server.score(Request(0, 1, 1.0, bad, ns, 3))
+    assert len(server.log.window(0).events) == 6 and server.store.stats.hits == 0
+    got = server.score(Request(0, 2, 2.0, s.events(3), ns, 3))
+    assert server.store.stats.hits == 1
+    assert max_diff(got, _reference(model, server.log.window(0), ns)) <= TOL
+
+
+# ----------------------------------------------------------------------------------------------
+# bf16 autocast on every path (CPU autocast stands in for CUDA's)
+
+
+BF16_TOL = 0.1  # logits of a tiny random model; bf16 keeps 8 bits of mantissa
+
+
+def test_every_forward_path_runs_under_bf16_autocast_forward_and_backward():
+    model = make_model(tiny_config(n_layers=4)).train()
+    batch = make_batch(3, (4, 2, 3), lengths=[16, 5, 0], seed=6)
+    with torch.no_grad():
+        ref = per_candidate(model, batch)
+    for name, fwd in (("request level", model), ("full", model.forward_full)):
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits, loss = fwd(batch, batch.labels)
+        loss.backward()
+        assert max_diff(logits.float(), ref) <= BF16_TOL, name
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        assert grads and all(torch.isfinite(g).all() for g in grads), name
+    # serving: the user cache's appends, under autocast too
+    model.eval()
+    ev, ns = Stream().events(12), make_batch(1, (3,), seed=1).ns
+    uc = UserCache()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        uc.advance(model, Window(ev.slice(0, 8), 0))
+        uc.advance(model, Window(ev, 0))
+        got = model.score(uc.request_cache(), ns, torch.zeros(3, dtype=torch.long))
+    assert max_diff(got.float(), _reference(model, Window(ev, 0), ns)) <= BF16_TOL
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    batch = make_batch(3, (4, 2, 3), lengths=[16, 5, 0], seed=6)
+    grads = {}
+    for on in (False, True):
+        model = make_model(tiny_config(n_layers=4, activation_checkpointing=on)).train()
+        for name, fwd in (("request level", model), ("full", model.forward_full)):
+            model.zero_grad(set_to_none=True)
+            fwd(batch, batch.labels)[1].backward()
+            grads[on, name] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    for name in ("request level", "full"):
+        assert grads[True, name].keys() == grads[False, name].keys()
+        for n, g in grads[False, name].items():
+            torch.testing.assert_close(grads[True, name][n], g, rtol=1e-5, atol=1e-7, msg=lambda m: f"{name} {n}: {m}")
+
+
+def test_activation_checkpointing_recomputes_in_backward():
+    """It really recomputes: the blocks run again during backward (counted with a forward hook)."""
+    batch = make_batch(2, (3, 2), lengths=[16, 5], seed=2)
+    for on, expected in ((False, 0), (True, 1)):
+        model = make_model(tiny_config(n_layers=3, activation_checkpointing=on)).train()
+        calls = {"forward": 0, "backward": 0}
+        phase = ["forward"]
+        model.blocks[0].norm1.register_forward_hook(lambda *_: calls.__setitem__(phase[0], calls[phase[0]] + 1))
+        _, loss = model(batch, batch.labels)
+        phase[0] = "backward"
+        loss.backward()
+        assert calls["forward"] == 2  # Stage I and Stage II
+        assert calls["backward"] == 2 * expected
