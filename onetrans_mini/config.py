@@ -89,9 +89,6 @@ class ModelConfig:
     # training memory for compute: keep only each block's inputs for backward and recompute the rest there
     # (the paper's "activation recomputation"); changes no result, only what backward stores
     activation_checkpointing: bool = False
-    # training memory for compute: keep only each block's inputs for backward and recompute the rest there
-    # (the paper's "activation recomputation"); changes no result, only what backward stores
-    activation_checkpointing: bool = False
 
     def __post_init__(self):
         # Config-only checks; what needs the schema (L_NS of the group-wise tokenizer, [SEP] count,
