@@ -255,7 +255,8 @@ class Buckets:
 
 
 def _missing(v) -> bool:
-    return v is None or (isinstance(v, float) and np.isnan(v))
+    """None, NaN, or pandas' NA (the missing value of ``dtype="string"`` columns)."""
+    return v is None or (isinstance(v, float) and np.isnan(v)) or type(v).__name__ == "NAType"
 
 
 def split_multi(value, sep: str = "|") -> list:

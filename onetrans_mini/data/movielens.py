@@ -184,7 +184,7 @@ def load_movielens(name: str = "movielens-100k", config: DataConfig | None = Non
     """Prepared requests of ``movielens-100k`` or ``movielens-1m`` (downloaded on first use)."""
     specs = {"movielens-100k": (ML100K, read_ml100k), "movielens-1m": (ML1M, read_ml1m)}
     if name not in specs:
-        raise ValueError(f"unknown MovieLens dataset {name!r}; expected one of {sorted(specs)}")
+        raise DataError(f"unknown MovieLens dataset {name!r}; expected one of {sorted(specs)}")
     spec, reader = specs[name]
     config = config or DATA_PRESETS[name]
     folder = fetch(spec, root, progress=progress)

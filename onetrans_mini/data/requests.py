@@ -60,6 +60,26 @@ class DataError(ValueError):
 # validation
 
 
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())
+
+
+def _columns(df: pd.DataFrame, most: int = 12) -> str:
+    """A table's column names for a one-line message (at most ``most``, long names cut)."""
+    names = [str(c) if len(str(c)) <= 40 else str(c)[:37] + "..." for c in df.columns]
+    more = f" and {len(names) - most} more" if len(names) > most else ""
+    return repr(names[:most]) + more
+
+
+def _at(df: pd.DataFrame, row: int) -> str:
+    """Where a row is: the file's line (header = line 1) when the table was read from a CSV, else its row."""
+    return f"line {row + 2}" if df.attrs.get("source_file") else f"row {row}"
+
+
+def _cell(v) -> str:
+    return "an empty cell" if v is None or v is pd.NA or (isinstance(v, float) and np.isnan(v)) else repr(_plain(v))
+
+
 def _to_frame(table, what: str) -> pd.DataFrame:
     if table is None:
         return None
@@ -70,9 +90,11 @@ def _to_frame(table, what: str) -> pd.DataFrame:
         if not path.exists():
             raise DataError(f"{what}: file {path} does not exist")
         try:
-            return pd.read_csv(path)
+            df = pd.read_csv(path)
         except Exception as e:  # pandas' parser errors name the line; keep the file name in front
-            raise DataError(f"{what}: could not read {path} as CSV with a header row: {e}") from e
+            raise DataError(f"{what}: could not read {path} as CSV with a header row: {_one_line(e)}") from e
+        df.attrs["source_file"] = str(path)
+        return df
     try:  # datasets.Dataset and anything else with to_pandas
         return table.to_pandas()
     except AttributeError:
@@ -82,15 +104,15 @@ def _to_frame(table, what: str) -> pd.DataFrame:
 def _require_columns(df: pd.DataFrame, cols, what: str):
     missing = [c for c in cols if c not in df.columns]
     if missing:
-        raise DataError(f"{what}: missing required column(s) {missing}; columns present: {list(df.columns)}")
+        raise DataError(f"{what}: missing required column(s) {missing}; columns present: {_columns(df)}")
 
 
-def _numeric_column(df: pd.DataFrame, col: str, what: str) -> np.ndarray:
+def _numeric_column(df: pd.DataFrame, col: str, what: str, expected: str = "a number") -> np.ndarray:
     x = pd.to_numeric(df[col], errors="coerce")
     bad = x.isna() & ~df[col].isna() | df[col].isna()
     if bad.any():
         row = int(np.flatnonzero(bad.to_numpy())[0])
-        raise DataError(f"{what}: column {col!r} row {row}: expected a number, got {df[col].iloc[row]!r}")
+        raise DataError(f"{what}: column {col!r} {_at(df, row)}: expected {expected}, got {_cell(df[col].iloc[row])}")
     return x.to_numpy()
 
 
@@ -103,14 +125,20 @@ def validate_interactions(df: pd.DataFrame, schema: Schema, what: str = "interac
     for col in ("user", "item"):
         if out[col].isna().any():
             row = int(np.flatnonzero(out[col].isna().to_numpy())[0])
-            raise DataError(f"{what}: column {col!r} row {row}: missing id")
-    out["timestamp"] = _numeric_column(out, "timestamp", what).astype(np.float64)
+            raise DataError(f"{what}: column {col!r} {_at(out, row)}: missing id")
+    ts = _numeric_column(out, "timestamp", what, "a number of seconds since 1970").astype(np.float64)
+    bad = ~np.isfinite(ts) | (ts < 0)
+    if bad.any():
+        row = int(np.flatnonzero(bad)[0])
+        raise DataError(f"{what}: column 'timestamp' {_at(out, row)}: expected seconds since 1970 (a finite "
+                        f"number >= 0), got {_cell(df['timestamp'].iloc[row])}")
+    out["timestamp"] = ts
     for t in schema.tasks:
-        y = _numeric_column(out, t.column, what)
+        y = _numeric_column(out, t.column, what, "a 0/1 label")
         bad = ~np.isin(y, (0, 1))
         if bad.any():
             row = int(np.flatnonzero(bad)[0])
-            raise DataError(f"{what}: label column {t.column!r} row {row}: expected 0 or 1, got {y[row]!r}")
+            raise DataError(f"{what}: label column {t.column!r} {_at(out, row)}: expected 0 or 1, got {_cell(y[row])}")
         out[t.column] = y.astype(np.float32)
     if "behaviour" not in out.columns:
         out["behaviour"] = "interaction"

@@ -19,7 +19,9 @@ any model can reach (the oracle).
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -28,7 +30,7 @@ from ..config import DATA_PRESETS, DataConfig
 from ..features import Bucketized, Categorical, Schema, SequenceSpec, Task
 from .download import cache_dir
 from .movielens import GAP_BOUNDARIES
-from .requests import RequestData, build_requests, cached
+from .requests import DataError, RequestData, build_requests, cached
 
 
 @dataclass(frozen=True)
@@ -167,13 +169,44 @@ def generate(size: SyntheticSize | str = "tiny", seed: int = 0) -> tuple[pd.Data
     return inter, users, items
 
 
+def data_config(size: str = "default") -> DataConfig:
+    """The DataConfig a synthetic world of this size is prepared with."""
+    return DATA_PRESETS["synthetic-tiny" if size == "tiny" else "synthetic"]
+
+
+def write_own_data(folder, size: str = "tiny", seed: int = 0, schema: bool = False) -> Path:
+    """Write a synthetic world in the own-data layout (see ``custom.py`` and data/README.md): a folder with
+    ``interactions.csv`` (two tasks, ``click`` and ``purchase``, the ``behaviour`` column and the true
+    probabilities ``prob_click``, ``prob_purchase``), ``users.csv``, ``items.csv`` (plus ``tags``, a
+    ``|``-joined item feature: ``cat<category>|brand<brand>``) and ``dataset.json`` (the sequences in
+    the built-in schema's intent order and the built-in DataConfig). Loaded as own data
+    (``onetrans-mini data FOLDER``), it gives the same requests and floors as ``synthetic-<size>``; its
+    features are inferred (price in quantile buckets, ``tags`` multi-valued, no category or price per
+    history event) unless ``schema=True`` also writes the built-in schema, which makes every prepared
+    table the built-in one."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    inter, users, items = generate(size, seed)
+    items = items.assign(tags=[f"cat{c}|brand{b}" for c, b in zip(items["category"], items["brand"])])
+    inter.to_csv(folder / "interactions.csv", index=False)
+    users.to_csv(folder / "users.csv", index=False)
+    items.to_csv(folder / "items.csv", index=False)
+    settings = {"tasks": list(SYNTHETIC_SCHEMA.task_names),
+                "sequences": list(SYNTHETIC_SCHEMA.behaviours),
+                "data_config": asdict(data_config(size))}
+    if schema:
+        settings["schema"] = SYNTHETIC_SCHEMA.to_dict()
+    (folder / "dataset.json").write_text(json.dumps(settings, indent=1) + "\n")
+    return folder
+
+
 def load_synthetic(size: str = "default", seed: int = 0, config: DataConfig | None = None, use_cache: bool = True) -> RequestData:
     """Prepared requests of a synthetic world (no network, no data dir needed)."""
     if size not in SIZES:
-        raise ValueError(f"unknown synthetic size {size!r}; expected one of {sorted(SIZES)}")
-    config = config or DATA_PRESETS["synthetic-tiny" if size == "tiny" else "synthetic"]
+        raise DataError(f"unknown synthetic size {size!r}; expected one of {sorted(SIZES)}")
+    config = config or data_config(size)
     if config.max_candidates < SIZES[size].candidates:
-        raise ValueError(
+        raise DataError(
             f"synthetic {size!r} shows {SIZES[size].candidates} candidates per request; "
             f"DataConfig.max_candidates={config.max_candidates} would cut requests in two"
         )
