@@ -22,6 +22,7 @@ import copy
 import json
 import os
 import platform
+import random
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -30,21 +31,11 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .config import DataConfig, ModelConfig
+from .config import DataConfig, ModelConfig, TrainConfig, TrainError
 from .data import RequestData, load_dataset
+from .distributed import DistInfo, all_gather_object, device_description, dist_info, model_device
 from .features import Schema
-from .train import (
-    DistInfo,
-    TrainConfig,
-    TrainError,
-    build_model,
-    count_params,
-    device_description,
-    dist_info,
-    model_device,
-    rng_state,
-    set_rng_state,
-)
+from .registry import build_model, count_params
 
 
 def json_default(x):
@@ -83,18 +74,43 @@ def load_weights(model: nn.Module, path: Path) -> None:
                          f"unexpected {sorted(unexpected)[:3]})")
 
 
+def rng_state() -> dict:
+    """Python, numpy, torch (and CUDA) RNG states, as plain tensors and tuples (``weights_only`` loads)."""
+    st = {
+        "torch": torch.get_rng_state(),
+        "numpy": _np_state_to_plain(np.random.get_state()),
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def set_rng_state(st: dict) -> None:
+    torch.set_rng_state(st["torch"])
+    np.random.set_state(_np_state_from_plain(st["numpy"]))
+    random.setstate(_tuplify(st["python"]))
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
+
+
+def _np_state_to_plain(s):
+    return (s[0], torch.from_numpy(np.asarray(s[1], dtype=np.int64)), int(s[2]), int(s[3]), float(s[4]))
+
+
+def _np_state_from_plain(s):
+    return (s[0], np.asarray(s[1].numpy(), dtype=np.uint32), int(s[2]), int(s[3]), float(s[4]))
+
+
+def _tuplify(x):
+    return tuple(_tuplify(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
 def save_train_state(run_dir: Path, model, opts, hist: dict, epochs_done: int, bad_epochs: int, improved: bool,
                      info: DistInfo) -> None:
     """End of an epoch: last weights (+ best if ``improved``) and everything an exact resume needs.
     Called on every rank (the RNG states are gathered); rank 0 writes."""
-    rng = rng_state()
-    if info.enabled:  # every rank's RNG (its dropout stream), so a resume is exact per rank
-        import torch.distributed as dist
-
-        rngs: list = [None] * info.world_size
-        dist.all_gather_object(rngs, rng)
-    else:
-        rngs = [rng]
+    rngs = all_gather_object(rng_state())  # every rank's RNG (its dropout stream): a resume is exact per rank
     if not info.is_main:
         return
     if improved:

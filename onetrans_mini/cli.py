@@ -10,15 +10,31 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
+from pathlib import Path
 
+from .config import (
+    BF16,
+    NS_TOKENIZERS,
+    OPTIMIZERS,
+    PRESETS,
+    SCHEDULES,
+    SEQ_MERGES,
+    DataConfig,
+    ModelConfig,
+    TrainConfig,
+    TrainError,
+    get_preset,
+)
 from .data import DATASETS, DataError
 
 
-def _pct(x: float) -> str:
-    return f"{100 * x:.1f}%"
+def _percent(fraction: float) -> str:
+    """0.123 -> '12.3%'."""
+    return f"{100 * fraction:.1f}%"
 
 
 def cmd_data(args) -> int:
@@ -41,7 +57,7 @@ def cmd_data(args) -> int:
     print(f"{'split':<6} {'requests':>9} {'candidates':>11} {'users':>6}  " + "  ".join(f"{'pos ' + t:>10}" for t in tasks))
     for name, x in s["splits"].items():
         print(f"{name:<6} {x['requests']:>9,} {x['candidates']:>11,} {x['users']:>6,}  "
-              + "  ".join(f"{_pct(x['positive_rate'][t]):>10}" for t in tasks))
+              + "  ".join(f"{_percent(x['positive_rate'][t]):>10}" for t in tasks))
     print()
     for key, label in (("request_size", "candidates per request"), ("history_length", "history length (all)"),
                        ("history_length_kept", f"history length (kept, max_len={s['max_len']})")):
@@ -55,6 +71,221 @@ def cmd_data(args) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------------------------
+# train / evaluate
+
+
+def _clip(text: str) -> float | None:
+    """A grad-norm clip from the command line: 0 means no clipping (None)."""
+    v = float(text)
+    return None if v == 0 else v
+
+
+# every TrainConfig field, as a flag (tests check that none is missing): field -> add_argument kwargs.
+# Flags default to "not given" (SUPPRESS), so TrainConfig's own defaults apply and stay in one place.
+TRAIN_FLAGS: dict[str, dict] = {
+    "epochs": dict(type=int, help="epochs at most (default %(d)s; early stopping on validation AUC)"),
+    "batch_requests": dict(type=int, help="requests per step and process, each with all its candidates (default %(d)s)"),
+    "lr": dict(type=float, help="peak learning rate (default: 1e-3 for adamw; for paper 0.005 scaled by "
+               "sqrt(candidates per step / 2048))"),
+    "weight_decay": dict(type=float, help="AdamW weight decay of the dense matrices (default %(d)s; paper: none)"),
+    "optimizer": dict(choices=OPTIMIZERS, help="adamw (default) or paper (Adagrad for the embedding tables + "
+                      "RMSProp for the dense part)"),
+    "embedding_lr": dict(type=float, help="learning rate of the embedding tables (default: 30 x lr for adamw, "
+                         "0.05 for paper)"),
+    "grad_clip": dict(type=_clip, help="global grad-norm clip (dense part for paper); 0 = off (default %(d)s)"),
+    "grad_clip_embedding": dict(type=_clip, help="paper only: grad-norm clip of the embedding tables; 0 = off "
+                                "(default: as --grad-clip)"),
+    "warmup": dict(type=float, help="fraction of all steps with a linear lr warm-up (default %(d)s)"),
+    "schedule": dict(choices=SCHEDULES, help="lr decay after the warm-up: cosine or linear to min-lr x lr, or "
+                     "constant (default %(d)s)"),
+    "min_lr": dict(type=float, help="final lr as a fraction of the peak (default %(d)s)"),
+    "patience": dict(type=int, help="stop after this many epochs without a better validation AUC; 0 = never "
+                     "(default %(d)s)"),
+    "seed": dict(type=int, help="seed of the model, the batches and the synthetic world (default %(d)s)"),
+    "device": dict(help="auto (the GPU when there is one, default), cpu, cuda or cuda:N"),
+    "bf16": dict(choices=BF16, help="bf16 autocast: auto = on CUDA only (default: fast there, while most CPUs "
+                 "run bf16 slower than fp32), on = also on the CPU, off = fp32 everywhere"),
+    "compile": dict(action="store_true", help="torch.compile the model"),
+    "eval_batch_requests": dict(type=int, help="requests per evaluation batch (default %(d)s)"),
+    "steps_per_epoch": dict(type=int, help="cap the steps of an epoch (smoke runs; default: the whole split)"),
+}
+
+ABLATIONS = (  # (flag, ModelConfig field, value when the flag is given)
+    ("--no-pyramid", "pyramid", False),
+    ("--shared-params", "shared_params", True),
+    ("--full-attention", "causal", False),
+    ("--no-sep", "use_sep", False),
+)
+
+
+def add_train_arguments(p) -> None:
+    from .registry import MODELS
+
+    p.add_argument("--dataset", default="movielens-100k",
+                   help=f"one of {', '.join(DATASETS)}, or a path to your interactions (default: movielens-100k)")
+    p.add_argument("--model", default="onetrans", help=f"one of {', '.join(MODELS)} (default: onetrans)")
+    p.add_argument("--out", default=None, help="run folder (default: runs/<dataset>-<model>-<preset>-<timestamp>)")
+    p.add_argument("--resume", default=None, metavar="RUN_DIR",
+                   help="continue a saved run from its last finished epoch with its saved configuration "
+                        "(only --device may change)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t = p.add_argument_group("training (TrainConfig)")
+    d = TrainConfig()
+    for name, kw in TRAIN_FLAGS.items():
+        kw = dict(kw, help=kw["help"].replace("%(d)s", str(getattr(d, name))))
+        t.add_argument("--" + name.replace("_", "-"), dest=name, default=argparse.SUPPRESS, **kw)
+    t.add_argument("--no-bf16", dest="bf16", action="store_const", const="off", default=argparse.SUPPRESS,
+                   help="same as --bf16 off")
+    m = p.add_argument_group("model (ModelConfig)")
+    m.add_argument("--preset", default="small", help=f"model size, one of {', '.join(PRESETS)} (default: small)")
+    m.add_argument("--max-len", type=int, default=None,
+                   help="history events the model reads (ModelConfig.max_len; default: the preset's, capped by "
+                        "the dataset's)")
+    m.add_argument("--dropout", type=float, default=None, help="dropout of the model (default: the preset's)")
+    m.add_argument("--activation-checkpointing", action="store_true",
+                   help="recompute each block's activations in backward instead of storing them: less memory, "
+                        "about one more forward of compute, the same gradients")
+    g = p.add_argument_group("ablations of the model (paper §7)")
+    for flag, name, _ in ABLATIONS:
+        g.add_argument(flag, action="store_true", help=f"ModelConfig.{name} switched")
+    g.add_argument("--ns-tokenizer", choices=NS_TOKENIZERS, default=None,
+                   help="NS tokens from one MLP split in L_NS (auto_split, default) or one per schema group")
+    g.add_argument("--seq-merge", choices=SEQ_MERGES, default=None,
+                   help="merge the sequences by time (timestamp_aware, default) or one after the other")
+
+
+def train_config_from_args(args) -> TrainConfig:
+    """The TrainConfig of the flags given; TrainConfig's defaults for the others."""
+    return TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)})
+
+
+def model_config_from_args(args, data_config: DataConfig) -> ModelConfig:
+    """The preset with the model flags applied. Its ``max_len`` is the history the model is sized for
+    (pyramid schedule): ``--max-len``, else the preset's capped by what the dataset's requests keep."""
+    if args.preset not in PRESETS:
+        raise TrainError(f"unknown preset {args.preset!r}; expected one of {list(PRESETS)}")
+    over = {name: value for flag, name, value in ABLATIONS if getattr(args, flag[2:].replace("-", "_"))}
+    for name in ("ns_tokenizer", "seq_merge", "dropout"):
+        if getattr(args, name) is not None:
+            over[name] = getattr(args, name)
+    if args.activation_checkpointing:
+        over["activation_checkpointing"] = True
+    over["max_len"] = args.max_len or min(PRESETS[args.preset].max_len, data_config.max_len)
+    try:
+        return get_preset(args.preset, **over)
+    except ValueError as e:
+        raise TrainError(str(e)) from e
+
+
+def _default_out(args) -> Path:
+    ds = Path(args.dataset).stem if Path(args.dataset).exists() else args.dataset
+    return Path("runs") / f"{ds}-{args.model}-{args.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def cli_train(args) -> int:
+    from .distributed import destroy_distributed, init_distributed
+
+    t_start = time.perf_counter()
+    info = init_distributed(getattr(args, "device", "auto"))
+    try:
+        return _cli_train(args, info, t_start)
+    finally:
+        destroy_distributed(info)
+
+
+def _cli_train(args, info, t_start: float) -> int:
+    from .checkpoint import data_of, format_results, load_run, read_config, results_of, write_config, write_results
+    from .distributed import barrier, broadcast_object, device_description, load_data, resolve_device
+    from .registry import MODELS, build_model, count_params, model_config_for
+    from .train import evaluate, seed_everything, train
+
+    if args.resume:
+        given = sorted(f"--{f.name.replace('_', '-')}" for f in dataclasses.fields(TrainConfig)
+                       if hasattr(args, f.name) and f.name != "device")
+        if given:
+            raise TrainError(f"--resume continues the run with its saved configuration; drop {', '.join(given)}")
+        run_dir = Path(args.resume)
+        conf = read_config(run_dir)
+        cfg = TrainConfig.from_dict(conf["train_config"])
+        if hasattr(args, "device"):
+            cfg = cfg.replace(device=args.device)
+        data = load_data(*data_of(conf, run_dir))
+        run = load_run(run_dir, data=data, weights="last.safetensors")
+        model, model_name, preset = run.model, run.model_name, conf.get("preset")
+        resume = True
+    else:
+        if args.model not in MODELS:
+            raise TrainError(f"unknown model {args.model!r}; expected one of {list(MODELS)}")
+        cfg = train_config_from_args(args)
+        resolve_device(cfg.device)  # a clear error before the data is prepared
+        data = load_data(args.dataset, None, cfg.seed)  # the dataset's own DataConfig (config.DATA_PRESETS)
+        model_cfg = model_config_from_args(args, data.config)
+        seed_everything(cfg.seed)
+        model_cfg = model_config_for(args.model, model_cfg, data.schema, data.vocab_sizes())
+        model = build_model(args.model, model_cfg, data.schema, data.vocab_sizes())
+        model_name, preset = args.model, args.preset
+        # every rank must write to the same folder: rank 0's timestamp
+        run_dir = Path(broadcast_object(str(Path(args.out) if args.out else _default_out(args))))
+        if (run_dir / "config.json").exists():  # checked on every rank, before any rank writes
+            raise TrainError(f"run folder {run_dir} already holds a run; use --resume {run_dir} or another --out")
+        barrier()
+        write_config(run_dir, model_name, model, data, args.dataset if not Path(args.dataset).exists()
+                     else str(Path(args.dataset).resolve()), cfg.seed, cfg, preset=preset)
+        resume = False
+    device = resolve_device(cfg.device)
+    if info.is_main:
+        n = count_params(model)
+        print(f"training {model_name} (preset {preset}) on {data.info.get('name')} with {device_description(device)}"
+              f"{f' x {info.world_size} processes' if info.enabled else ''}: "
+              + ", ".join(f"{k} {v:,}" for k, v in n.items()) + f" parameters; run folder {run_dir}", file=sys.stderr)
+    hist = train(model, data, cfg, run_dir=run_dir, progress=not args.no_progress, resume=resume, log=True)
+    test = evaluate(model, data, "test", cfg.eval_batch_requests, cfg.bf16)
+    if not info.is_main:
+        return 0
+    # wall time of THIS process (a resumed run reports the time since it resumed)
+    res = results_of(model, data, test, model_name, device, time.perf_counter() - t_start, hist,
+                     preset=preset, run_dir=str(run_dir), world_size=info.world_size, split="test")
+    write_results(run_dir, res)
+    print(format_results(res))
+    return 0
+
+
+def add_evaluate_arguments(p) -> None:
+    p.add_argument("run_dir", help="a run folder written by 'onetrans-mini train'")
+    p.add_argument("--split", default="test", choices=("train", "val", "test"))
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--json", action="store_true", help="print the results as JSON")
+
+
+def cli_evaluate(args) -> int:
+    from .checkpoint import format_results, json_default, load_run, results_of
+    from .distributed import resolve_device
+    from .train import evaluate
+
+    t0 = time.perf_counter()
+    run = load_run(args.run_dir)
+    device = resolve_device(args.device)
+    run.model.to(device)
+    cfg = run.train_config
+    test = evaluate(run.model, run.data, args.split, cfg.eval_batch_requests, cfg.bf16)
+    saved = run.results() or {}
+    res = results_of(run.model, run.data, test, run.model_name, device, time.perf_counter() - t0,
+                     preset=run.config.get("preset"), run_dir=str(run.path), split=args.split)
+    for k in ("best_epoch", "epochs_run"):
+        if k in saved:
+            res[k] = saved[k]
+    if args.json:
+        print(json.dumps(res, indent=2, default=json_default))
+    else:
+        print(format_results(res))
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
+# the parser
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="onetrans-mini", description="OneTrans, small enough to read, complete enough to run.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -63,8 +294,6 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=0, help="seed of the synthetic world")
     d.add_argument("--json", action="store_true", help="print the summary as JSON")
     d.set_defaults(func=cmd_data)
-
-    from .train import add_evaluate_arguments, add_train_arguments, cli_evaluate, cli_train
 
     t = sub.add_parser("train", help="train a model and print its test metrics next to the floors "
                        "(torchrun --nproc_per_node=N -m onetrans_mini train ... for data parallel)")
@@ -90,8 +319,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from .train import TrainError
-
     try:
         return args.func(args)
     except (DataError, TrainError) as e:  # bad input: one clear line, no traceback

@@ -2,7 +2,12 @@
 
 ``DataConfig`` says how interactions become requests; ``ModelConfig`` sizes the OneTrans stack; a
 preset (``nano``, ``small``, ``S``, ``L``) names one ``ModelConfig`` so that ``onetrans-mini train
---preset small``, ``get_preset("small")`` in a notebook and the test suite all mean the same model.
+--preset small``, ``get_preset("small")`` in a notebook and the test suite all mean the same model;
+``TrainConfig`` says how a model is trained.
+
+The history length has one owner: ``ModelConfig.max_len`` (the model is sized for it). Training and
+evaluation batch ``min(ModelConfig.max_len, DataConfig.max_len)`` events, the data's ``max_len`` being
+only the most its requests keep.
 """
 
 from __future__ import annotations
@@ -170,3 +175,97 @@ DATA_PRESETS: dict[str, DataConfig] = {
     "synthetic": DataConfig(max_len=64, max_candidates=16, session_gap=60.0),
     "synthetic-tiny": DataConfig(max_len=32, max_candidates=8, session_gap=60.0),
 }
+
+
+# ----------------------------------------------------------------------------------------------
+# training
+
+
+class TrainError(ValueError):
+    """Bad training input (unknown model or device, a missing or corrupt run folder): one clear line."""
+
+
+OPTIMIZERS = ("adamw", "paper")
+SCHEDULES = ("cosine", "linear", "constant")
+DEVICES = ("auto", "cpu", "cuda")
+BF16 = ("auto", "on", "off")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How a model is trained (saved in the run's ``config.json``, restored by ``--resume``).
+
+    The defaults are what ``onetrans-mini train`` uses for preset ``small`` on ML-100K (its time and
+    AUCs: see the README's results). What mattered most is the embedding tables' own learning rate
+    (``embedding_lr``); validation AUC peaks within a few epochs, hence ``epochs=4`` with early stopping.
+    The model's history length is ``ModelConfig.max_len``, not a training knob.
+    """
+
+    epochs: int = 4
+    batch_requests: int = 32  # requests per step PER PROCESS (each brings all its candidates)
+    lr: float | None = None  # None: 1e-3 for adamw; for "paper" 0.005 scaled by sqrt(candidates per step / 2048)
+    weight_decay: float = 0.01  # AdamW, matrices only (not embeddings, norms, biases); "paper" uses none
+    optimizer: str = "adamw"  # or "paper": Adagrad for the embedding tables + RMSProp for the dense part
+    embedding_lr: float | None = None  # lr of the embedding tables; None: 30 x lr (adamw), 0.05 (paper's Adagrad)
+    grad_clip: float | None = 1.0  # global grad-norm clip (adamw); dense part for "paper" (paper: 90); None: off
+    grad_clip_embedding: float | None = None  # "paper": embedding tables' clip (paper: 120); None = grad_clip
+    warmup: float = 0.05  # fraction of all steps with a linear warm-up
+    schedule: str = "cosine"  # after warm-up: "cosine" or "linear" decay to min_lr x lr, or "constant"
+    min_lr: float = 0.1  # final lr as a fraction of the peak
+    patience: int = 2  # stop after this many epochs without a better validation AUC (first task); 0 = never
+    seed: int = 0
+    device: str = "auto"  # "auto" (cuda when available), "cpu", "cuda" or "cuda:N"
+    # bf16 autocast: "auto" = on CUDA only (fast there; on most CPUs slower than fp32), "on" = on any
+    # device (CPU included), "off" = fp32 everywhere
+    bf16: str = "auto"
+    compile: bool = False  # torch.compile the model
+    eval_batch_requests: int = 64
+    steps_per_epoch: int | None = None  # cap (smoke runs, tests); None = the whole training split
+
+    def __post_init__(self):
+        def check(cond, msg):
+            if not cond:
+                raise TrainError(f"TrainConfig.{msg}")
+
+        def count(name, lo):
+            v = getattr(self, name)
+            check(isinstance(v, int) and not isinstance(v, bool) and v >= lo,
+                  f"{name} must be an integer >= {lo}, got {v!r}")
+
+        count("epochs", 1)
+        count("batch_requests", 1)
+        count("eval_batch_requests", 1)
+        count("patience", 0)
+        check(self.lr is None or self.lr > 0, f"lr must be > 0, got {self.lr!r}")
+        check(self.embedding_lr is None or self.embedding_lr > 0, f"embedding_lr must be > 0, got {self.embedding_lr!r}")
+        check(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay!r}")
+        for name in ("grad_clip", "grad_clip_embedding"):
+            v = getattr(self, name)
+            check(v is None or v > 0, f"{name} must be > 0 or None (no clipping), got {v!r}")
+        check(self.optimizer in OPTIMIZERS, f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        check(self.schedule in SCHEDULES, f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        check(0 <= self.warmup < 1, f"warmup is a fraction of all steps in [0, 1), got {self.warmup!r}")
+        check(0 <= self.min_lr <= 1, f"min_lr is a fraction of the peak lr in [0, 1], got {self.min_lr!r}")
+        check(self.bf16 in BF16, f"bf16 must be one of {BF16}, got {self.bf16!r}")
+        check(self.steps_per_epoch is None or self.steps_per_epoch >= 1,
+              f"steps_per_epoch must be >= 1, got {self.steps_per_epoch!r}")
+        dev = self.device
+        check(dev in DEVICES or (dev.startswith("cuda:") and dev[5:].isdigit()),
+              f"device must be one of {DEVICES} or 'cuda:N', got {dev!r}")
+
+    def replace(self, **kw) -> "TrainConfig":
+        return dataclasses.replace(self, **kw)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        """From a run's ``config.json``. Run folders written before the history length moved to
+        ``ModelConfig`` (and activation checkpointing to the model) still load: those fields are dropped,
+        and their boolean ``bf16`` (on CUDA only) becomes ``"auto"`` / ``"off"``."""
+        d = {k: v for k, v in d.items() if k not in ("max_len", "activation_checkpointing")}
+        if isinstance(d.get("bf16"), bool):
+            d["bf16"] = "auto" if d["bf16"] else "off"
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise TrainError(f"train config has unknown field(s) {unknown}; expected a subset of {sorted(names)}")
+        return cls(**d)

@@ -1,5 +1,6 @@
 """Data parallel training: 2 processes (gloo, CPU) stay in lockstep and equal 1 process on the same
-global batch; ``torchrun ... -m onetrans_mini train`` works end to end, rank 0 writing the run."""
+global batch, through DDP around the model's own request-level forward; ``torchrun ... -m onetrans_mini
+train`` works end to end, rank 0 writing the run."""
 
 from __future__ import annotations
 
@@ -26,8 +27,21 @@ def _model(data):
     return build_model("onetrans", get_preset("nano"), data.schema, data.vocab_sizes())
 
 
+def _counting(model, name: str, counts: dict) -> None:
+    """Count calls of ``model.<name>`` (the bound method, wrapped on the instance), split by train/eval mode."""
+    fn = getattr(model, name)
+
+    def wrapped(*args, **kw):
+        key = f"{name}:{'train' if model.training else 'eval'}"
+        counts[key] = counts.get(key, 0) + 1
+        return fn(*args, **kw)
+
+    setattr(model, name, wrapped)
+
+
 def _worker(rank: int, init_file: str, out_dir: str):
     import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
 
     from onetrans_mini.data import load_synthetic
 
@@ -36,23 +50,55 @@ def _worker(rank: int, init_file: str, out_dir: str):
     try:
         data = load_synthetic("tiny", seed=0)  # the parent prepared the cache: this only reads it
         model = _model(data)
+        counts: dict = {}
+        for name in ("stage_one", "forward_full"):  # which forward runs under DDP
+            if hasattr(model, name):
+                _counting(model, name, counts)
+        ddp_forward = DDP.forward
+
+        def counted_ddp_forward(self, *args, **kw):
+            counts["ddp"] = counts.get("ddp", 0) + 1
+            return ddp_forward(self, *args, **kw)
+
+        DDP.forward = counted_ddp_forward  # this spawned process only
         hist = train(model, data, CFG, progress=False)
         last = hist["epochs"][-1]
+        steps = sum(r["steps"] for r in hist["epochs"])
         torch.save({"state": model.state_dict(), "val": last["val"], "train_loss": last["train_loss"],
-                    "samples": last["train_samples"]}, Path(out_dir) / f"rank{rank}.pt")
+                    "samples": last["train_samples"], "steps": steps, "counts": counts},
+                   Path(out_dir) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
 
-def test_two_ranks_stay_identical_and_equal_one_process(tiny_data, tmp_path):
+@pytest.fixture(scope="module")
+def ddp_run(tiny_data, tmp_path_factory):
+    """CFG trained by WORLD gloo processes; each rank's final state, metrics and call counts."""
+    out = tmp_path_factory.mktemp("ddp")
     ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_worker, args=(r, str(tmp_path / "init"), str(tmp_path))) for r in range(WORLD)]
+    procs = [ctx.Process(target=_worker, args=(r, str(out / "init"), str(out))) for r in range(WORLD)]
     for p in procs:
         p.start()
     for p in procs:
         p.join(timeout=120)
     assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
-    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD))
+    return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+
+
+def test_ddp_runs_the_request_level_forward(ddp_run):
+    """Under DDP each training step runs Stage I once (the history encoded once per request), through the
+    DDP wrapper, and never the per-candidate full forward."""
+    for r in ddp_run:
+        c = r["counts"]
+        assert r["steps"] == CFG.epochs * CFG.steps_per_epoch
+        assert c.get("ddp") == r["steps"], c  # every step through DDP (gradient all-reduce)
+        assert c.get("stage_one:train") == r["steps"], c  # one Stage I per step: the request-level path
+        assert not c.get("forward_full:train") and not c.get("forward_full:eval"), c
+        assert c.get("stage_one:eval", 0) > 0, c  # evaluation runs the same forward
+
+
+def test_two_ranks_stay_identical_and_equal_one_process(tiny_data, ddp_run):
+    r0, r1 = ddp_run
     for k in r0["state"]:  # DDP: bit-identical replicas
         assert torch.equal(r0["state"][k], r1["state"][k]), k
     assert r0["val"] == r1["val"] and r0["train_loss"] == r1["train_loss"]  # gathered metrics, same on both

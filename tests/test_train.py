@@ -3,6 +3,7 @@ a loaded run scores like the original, and bad input gets one clear line (no tra
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -11,18 +12,21 @@ import torch
 from safetensors.torch import load_file
 
 from onetrans_mini.checkpoint import load_run, write_config
-from onetrans_mini.cli import main
+from onetrans_mini.cli import build_parser, main, train_config_from_args
 from onetrans_mini.config import get_preset
 from onetrans_mini.model import OneTrans
+from onetrans_mini.registry import model_config_for
 from onetrans_mini.train import (
     TrainConfig,
     TrainError,
+    autocast,
     build_model,
     evaluate,
     lr_multiplier,
     make_optimizers,
     seed_everything,
     train,
+    uses_bf16,
 )
 
 NANO = get_preset("nano", dropout=0.1)  # dropout on: the resume test then also checks the RNG state
@@ -65,6 +69,66 @@ def test_a_few_steps_lower_the_loss(tiny_data):
     assert rec["steps"] == 15 and rec["train_samples"] > 0 and math.isfinite(rec["train_loss"])
     assert set(rec["val"]) == set(tiny_data.schema.task_names)
     assert hist["max_len"] == min(NANO.max_len, tiny_data.config.max_len)
+
+
+@pytest.mark.parametrize("name", ["onetrans", "din-dcnv2", "rankmixer-transformer"])
+def test_bf16_on_trains_under_cpu_autocast(name, tiny_data):
+    """``bf16="on"`` honours bf16 autocast on the CPU too (forward and backward of every model): the
+    linear layers really run in bf16 while training, and the loss stays finite and goes down."""
+    nano = get_preset("nano")
+    seed_everything(0)
+    model = build_model(name, model_config_for(name, nano, tiny_data.schema, tiny_data.vocab_sizes()),
+                        tiny_data.schema, tiny_data.vocab_sizes())
+    batch = tiny_data.collate(tiny_data.request_ids("train")[:64], max_len=nano.max_len)
+    dtypes = set()
+    hooks = [m.register_forward_hook(lambda m, i, o: dtypes.add(o.dtype) if m.training else None)
+             for m in model.modules() if isinstance(m, torch.nn.Linear)]
+
+    def loss():
+        model.eval()
+        with torch.no_grad():
+            return float(model(batch, batch.labels)[1])
+
+    before = loss()
+    hist = train(model, tiny_data, TrainConfig(epochs=1, batch_requests=16, lr=3e-3, steps_per_epoch=10, device="cpu",
+                                              patience=0, bf16="on"), progress=False)
+    for h in hooks:
+        h.remove()
+    assert dtypes == {torch.bfloat16}
+    assert math.isfinite(hist["epochs"][0]["train_loss"])
+    after = loss()
+    assert math.isfinite(after) and after < before - 0.01, (before, after)
+
+
+def test_bf16_auto_means_cuda_only():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert [uses_bf16(cpu, m) for m in ("auto", "on", "off")] == [False, True, False]
+    assert [uses_bf16(cuda, m) for m in ("auto", "on", "off")] == [True, True, False]
+    with autocast(cpu, "on"):
+        assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+    with autocast(cpu, "auto"):
+        assert not torch.is_autocast_enabled("cpu")
+
+
+def test_batches_use_the_model_max_len(tiny_data):
+    """One owner of the history length: ModelConfig.max_len (capped by what the data keeps)."""
+    assert "max_len" not in {f.name for f in dataclasses.fields(TrainConfig)}
+    cfg = TrainConfig(epochs=1, batch_requests=8, steps_per_epoch=1, device="cpu")
+    short = fresh_model(tiny_data, config=get_preset("nano", max_len=6))
+    seen = []
+    short.register_forward_pre_hook(lambda m, args: seen.append(args[0].seq_mask.shape[1]))
+    assert train(short, tiny_data, cfg, progress=False)["max_len"] == 6
+    assert set(seen) == {6}  # training and validation batches
+    long = fresh_model(tiny_data, config=get_preset("nano", max_len=4 * tiny_data.config.max_len))
+    assert train(long, tiny_data, cfg, progress=False)["max_len"] == tiny_data.config.max_len
+
+
+def test_old_run_configs_still_load():
+    old = dataclasses.asdict(TrainConfig()) | {"bf16": True, "max_len": 64, "activation_checkpointing": False}
+    assert TrainConfig.from_dict(old) == TrainConfig()
+    assert TrainConfig.from_dict(old | {"bf16": False}).bf16 == "off"
+    with pytest.raises(TrainError, match=r"unknown field\(s\) \['lr_typo'\]"):
+        TrainConfig.from_dict({"lr_typo": 1})
 
 
 def test_lr_schedule_warms_up_then_decays_to_min_lr():
@@ -180,6 +244,79 @@ def test_cli_train_then_evaluate(tmp_path, capsys):
     # a second train into the same folder is refused
     assert main(["train", "--dataset", "synthetic-tiny", "--preset", "nano", "--out", str(out)]) == 2
     assert "already holds a run" in _one_error_line(capsys)
+
+
+# every TrainConfig field: (flags, the value they set); each value differs from the default
+TRAIN_FLAGS = {
+    "epochs": (["--epochs", "3"], 3),
+    "batch_requests": (["--batch-requests", "7"], 7),
+    "lr": (["--lr", "0.002"], 0.002),
+    "weight_decay": (["--weight-decay", "0"], 0.0),
+    "optimizer": (["--optimizer", "paper"], "paper"),
+    "embedding_lr": (["--embedding-lr", "0.5"], 0.5),
+    "grad_clip": (["--grad-clip", "0"], None),
+    "grad_clip_embedding": (["--grad-clip-embedding", "120"], 120.0),
+    "warmup": (["--warmup", "0.2"], 0.2),
+    "schedule": (["--schedule", "linear"], "linear"),
+    "min_lr": (["--min-lr", "0.5"], 0.5),
+    "patience": (["--patience", "0"], 0),
+    "seed": (["--seed", "3"], 3),
+    "device": (["--device", "cpu"], "cpu"),
+    "bf16": (["--bf16", "on"], "on"),
+    "compile": (["--compile"], True),
+    "eval_batch_requests": (["--eval-batch-requests", "5"], 5),
+    "steps_per_epoch": (["--steps-per-epoch", "2"], 2),
+}
+
+
+def test_every_train_config_field_has_a_flag():
+    assert set(TRAIN_FLAGS) == {f.name for f in dataclasses.fields(TrainConfig)}
+    assert train_config_from_args(build_parser().parse_args(["train"])) == TrainConfig()  # no flag: the defaults
+
+
+@pytest.mark.parametrize("field", sorted(TRAIN_FLAGS))
+def test_train_flag_sets_its_field(field):
+    argv, want = TRAIN_FLAGS[field]
+    default = getattr(TrainConfig(), field)
+    assert want != default
+    cfg = train_config_from_args(build_parser().parse_args(["train", *argv]))
+    assert getattr(cfg, field) == want
+    assert cfg.replace(**{field: default}) == TrainConfig()  # and nothing else changed
+
+
+def test_no_bf16_flag_and_help_texts():
+    assert train_config_from_args(build_parser().parse_args(["train", "--no-bf16"])).bf16 == "off"
+    sub = build_parser()._subparsers._group_actions[0].choices["train"]
+    assert not [a.option_strings for a in sub._actions if a.option_strings and not a.help]
+
+
+def test_cli_train_with_many_flags(tmp_path, capsys):
+    """A real run: the flags reach the saved configs and the schedule (model flags go to ModelConfig)."""
+    out = tmp_path / "run"
+    rc = main(["train", "--dataset", "synthetic-tiny", "--preset", "nano", "--epochs", "2", "--steps-per-epoch", "2",
+               "--batch-requests", "8", "--lr", "0.003", "--schedule", "linear", "--warmup", "0.25", "--min-lr", "0.5",
+               "--weight-decay", "0", "--grad-clip", "0", "--patience", "1", "--eval-batch-requests", "7",
+               "--no-bf16", "--max-len", "8", "--activation-checkpointing", "--dropout", "0.1",
+               "--out", str(out), "--no-progress", "--device", "cpu"])
+    assert rc == 0, capsys.readouterr().err
+    conf = json.loads((out / "config.json").read_text())
+    tc, mc = conf["train_config"], conf["model_config"]
+    assert {k: tc[k] for k in ("epochs", "steps_per_epoch", "batch_requests", "lr", "schedule", "warmup", "min_lr",
+                               "weight_decay", "grad_clip", "patience", "eval_batch_requests", "bf16", "device")} == {
+        "epochs": 2, "steps_per_epoch": 2, "batch_requests": 8, "lr": 0.003, "schedule": "linear", "warmup": 0.25,
+        "min_lr": 0.5, "weight_decay": 0.0, "grad_clip": None, "patience": 1, "eval_batch_requests": 7, "bf16": "off",
+        "device": "cpu"}
+    assert mc["max_len"] == 8 and mc["activation_checkpointing"] is True and mc["dropout"] == 0.1
+    assert "max_len" not in tc and "activation_checkpointing" not in tc
+    # 4 steps, 1 of warm-up, linear decay to 0.5 x lr: after epoch 1 (2 steps) the lr is 1 - 0.5 * 1/3 of the peak
+    epochs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert epochs[0]["lr"] == pytest.approx(0.003 * (1 - 0.5 / 3))
+    assert load_run(out).model.config.max_len == 8
+
+
+def test_cli_resume_refuses_new_train_flags(straight_run, capsys):
+    assert main(["train", "--resume", str(straight_run[0]), "--lr", "0.1"]) == 2
+    assert "drop --lr" in _one_error_line(capsys)
 
 
 @pytest.mark.parametrize("args, expected", [
