@@ -38,7 +38,7 @@ import pandas as pd
 from ..config import DataConfig
 from ..features import Bucketized, Categorical, MultiCategorical, Schema, SequenceSpec, Task
 from .movielens import GAP_BOUNDARIES
-from .requests import SPLITS, DataError, RequestData, _columns, _to_frame, build_requests
+from .requests import SPLITS, DataError, RequestData, _at, _cell, _columns, _require_columns, _to_frame, build_requests
 
 RESERVED = {"user", "item", "timestamp", "behaviour"}
 MULTI_MAX_LEN = 16  # most values a multi-valued feature keeps per row
@@ -103,10 +103,26 @@ def _is_binary(col: pd.Series) -> bool:
     return len(vals) > 0 and bool(vals.isin((0, 1)).all())
 
 
-def infer_tasks(interactions: pd.DataFrame) -> list[str]:
-    """Every 0/1 column of the interactions table (in file order), bar the reserved and ``prob_`` ones."""
-    return [c for c in interactions.columns
-            if c not in RESERVED and not str(c).startswith("prob_") and _is_binary(interactions[c])]
+def infer_tasks(interactions: pd.DataFrame, what: str = "interactions") -> list[str]:
+    """Every 0/1 column of the interactions table (in file order), bar the reserved and ``prob_`` ones.
+    A column that is 0/1 but for a few cells (at least 90% 0/1) is taken for a label with bad cells, and
+    the first of them is reported, rather than dropping the task silently."""
+    tasks = []
+    for c in interactions.columns:
+        if c in RESERVED or str(c).startswith("prob_"):
+            continue
+        col = interactions[c]
+        if _is_binary(col):
+            tasks.append(c)
+            continue
+        vals = col.dropna()
+        is01 = vals.astype(str).str.strip().isin(("0", "1", "0.0", "1.0", "True", "False")).to_numpy()
+        if len(vals) and is01.mean() >= 0.9:
+            row = int(np.flatnonzero(col.notna().to_numpy())[np.flatnonzero(~is01)[0]])
+            raise DataError(f"{what}: label column {c!r} {_at(interactions, row)}: expected 0 or 1, got "
+                            f"{_cell(col.iloc[row])} (the column is 0/1 elsewhere; fix the cell, or name the tasks "
+                            f"in dataset.json)")
+    return tasks
 
 
 def infer_schema(interactions: pd.DataFrame, tasks: list[str], users: pd.DataFrame | None = None,
@@ -203,9 +219,10 @@ def load_custom(interactions, tasks: list[str] | None = None, users=None, items=
     df = _to_frame(interactions, what)
     if len(df) == 0:
         raise DataError(f"{what}: the table is empty (expected at least one interaction)")
+    _require_columns(df, ["user", "item", "timestamp"], what)
     users_df, items_df = _to_frame(users, "users table"), _to_frame(items, "items table")
     if tasks is None:
-        tasks = infer_tasks(df)
+        tasks = infer_tasks(df, what)
         if not tasks:
             raise DataError(f"{what}: no task column: expected at least one 0/1 label column besides user, item, "
                             f"timestamp, behaviour; columns: {_columns(df)}")

@@ -44,6 +44,7 @@ from ..features import (
 from .batching import Batch, concat_ranges, left_padded_windows
 
 SPLITS = ("train", "val", "test")
+MAX_SECONDS = 1e11  # about the year 5138: a larger timestamp is milliseconds (or microseconds), not seconds
 CACHE_VERSION = 1  # bump when the prepared format changes, so old caches are not reused
 
 # context columns derived for every request (request-relative features live on NS tokens only)
@@ -89,10 +90,21 @@ def _to_frame(table, what: str) -> pd.DataFrame:
         path = Path(table)
         if not path.exists():
             raise DataError(f"{what}: file {path} does not exist")
+        if path.is_dir():
+            raise DataError(f"{what}: {path} is a folder, expected a CSV file")
         try:
             df = pd.read_csv(path)
+        except pd.errors.EmptyDataError:
+            raise DataError(f"{what}: {path} is empty (expected a header row, e.g. user,item,timestamp,label, "
+                            f"and one row per interaction)") from None
         except Exception as e:  # pandas' parser errors name the line; keep the file name in front
             raise DataError(f"{what}: could not read {path} as CSV with a header row: {_one_line(e)}") from e
+        if len(df.columns) == 1:
+            header = str(df.columns[0])
+            seps = [s for s in (";", "\t", "|") if s in header]
+            if seps:
+                raise DataError(f"{what}: {path} has one column {header[:60]!r}: expected comma-separated columns "
+                                f"(the header looks separated by {seps[0]!r})")
         df.attrs["source_file"] = str(path)
         return df
     try:  # datasets.Dataset and anything else with to_pandas
@@ -116,6 +128,17 @@ def _numeric_column(df: pd.DataFrame, col: str, what: str, expected: str = "a nu
     return x.to_numpy()
 
 
+def _same_kind_of_ids(df: pd.DataFrame, tbl: pd.DataFrame, key: str, what: str, name: str) -> None:
+    """The ids of a users / items table must be of the interactions' kind (numbers or text), else no row
+    would join (and pandas refuses to merge int64 with str keys)."""
+    _require_columns(tbl, [key], what)
+    numeric = [pd.api.types.is_numeric_dtype(x[key].dtype) for x in (df, tbl)]
+    if len(tbl) and numeric[0] != numeric[1]:
+        kinds = ["numbers" if n else "text" for n in numeric]
+        raise DataError(f"{what}: column {key!r} holds {kinds[1]} ({_cell(tbl[key].iloc[0])}, ...) but the "
+                        f"interactions' {key!r} holds {kinds[0]} ({_cell(df[key].iloc[0])}, ...); expected the same ids")
+
+
 def validate_interactions(df: pd.DataFrame, schema: Schema, what: str = "interactions") -> pd.DataFrame:
     """Check the interactions table and return a clean copy with ``timestamp`` as float and labels 0/1."""
     if len(df) == 0:
@@ -132,6 +155,10 @@ def validate_interactions(df: pd.DataFrame, schema: Schema, what: str = "interac
         row = int(np.flatnonzero(bad)[0])
         raise DataError(f"{what}: column 'timestamp' {_at(out, row)}: expected seconds since 1970 (a finite "
                         f"number >= 0), got {_cell(df['timestamp'].iloc[row])}")
+    if (ts > MAX_SECONDS).any():
+        row = int(np.flatnonzero(ts > MAX_SECONDS)[0])
+        raise DataError(f"{what}: column 'timestamp' {_at(out, row)}: {_cell(df['timestamp'].iloc[row])} is after the "
+                        f"year 5000: milliseconds? expected seconds since 1970")
     out["timestamp"] = ts
     for t in schema.tasks:
         y = _numeric_column(out, t.column, what, "a 0/1 label")
@@ -202,10 +229,14 @@ def build_requests(
     items_df = _to_frame(items, "items table")
     for tbl, key, what in ((users_df, "user", "users table"), (items_df, "item", "items table")):
         if tbl is not None:
+            what = tbl.attrs.get("source_file", what)
+            _same_kind_of_ids(df, tbl, key, what, name)
             _require_columns(tbl, [key], what)
             dup = tbl[key].duplicated()
             if dup.any():
-                raise DataError(f"{what}: {key} {tbl[key][dup].iloc[0]!r} appears more than once")
+                row = int(np.flatnonzero(dup.to_numpy())[0])
+                raise DataError(f"{what}: {key} {_cell(tbl[key].iloc[row])} appears more than once ({_at(tbl, row)}); "
+                                f"expected one row per {key}")
 
     # ---- order, splits, requests -------------------------------------------------------------
     df["_row"] = np.arange(len(df))
@@ -267,13 +298,15 @@ def build_requests(
         hist_df = hist_df.merge(items_join, on="item", how="left", sort=False)
         missing_items = cand_df[item_cols[0]].isna() if item_cols else None
         if missing_items is not None and missing_items.all():
-            raise DataError("items table: no item of the interactions was found in it (check the 'item' ids and their type)")
+            raise DataError(f"{items_df.attrs.get('source_file', 'items table')}: no item of the interactions was found in "
+                            f"it (check the 'item' ids and their type)")
     if users_df is not None:
         u_tbl = users_df.set_index("user")
         req_user_raw = user_values[req_user]
         user_feat = u_tbl.reindex(req_user_raw).reset_index(drop=True)
         if len(u_tbl.columns) and user_feat.isna().all(axis=1).all():
-            raise DataError("users table: no user of the interactions was found in it (check the 'user' ids and their type)")
+            raise DataError(f"{users_df.attrs.get('source_file', 'users table')}: no user of the interactions was found in "
+                            f"it (check the 'user' ids and their type)")
     else:
         user_feat = pd.DataFrame(index=range(n_req))
     user_feat["user"] = user_values[req_user]
