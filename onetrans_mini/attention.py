@@ -252,9 +252,9 @@ class MixedAttention(nn.Module):
             qs.append(q_ns)
             ks.append(k_ns)
             vs.append(v_ns)
-        q = rearrange(torch.cat(qs, dim=1), "n q (h e) -> n h q e", h=self.n_heads)  # (N, H, n_q + L_NS, hd)
-        k = torch.cat(ks, dim=2)  # (N, H, Ls + L_NS, hd)
-        v = torch.cat(vs, dim=2)
+        q = rearrange(_cat(qs, dim=1), "n q (h e) -> n h q e", h=self.n_heads)  # (N, H, n_q + L_NS, hd)
+        k = _cat(ks, dim=2)  # (N, H, Ls + L_NS, hd)
+        v = _cat(vs, dim=2)
         mask = attention_mask(s_real, n_q, n_ns, causal=self.causal)  # (N, 1, Q, K)
         p = self.dropout if self.training else 0.0
         out, probs = attend(q, k, v, mask, p, explicit=self.explicit or self._record is not None)
@@ -280,6 +280,10 @@ class MixedAttention(nn.Module):
                             packing.pack(v_ns, self.n_heads), layer.k, layer.v, layer.s_real,
                             self.n_ns, p)  # (R, H, C_max * L_NS, hd)
         return self.o.forward_ns(packing.unpack(out, self.n_ns))  # (B, L_NS, d)
+
+
+def _cat(ts: list[torch.Tensor], dim: int) -> torch.Tensor:
+    return ts[0] if len(ts) == 1 else torch.cat(ts, dim=dim)  # one part (Stage I): no copy of the keys
 
 
 # ----------------------------------------------------------------------------------------------

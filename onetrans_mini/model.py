@@ -92,12 +92,12 @@ class OneTransBlock(nn.Module):
     Entry points (each one feeds ``_update``, where the block's maths is written once):
 
     - ``forward(x_s, x_ns, s_real, n_q)``: the full forward of one layer;
-    - ``forward_s(x_s, s_real, n_q) -> (x_s', (k, v))``: Stage I, the S-tokens alone (causal: an S-token
-      never sees an NS-token), also returning this layer's S keys/values to cache;
+    - ``forward_s(x_s, s_real, n_q, past=None) -> (x_s', keys)``: Stage I, the S-tokens alone (causal: an
+      S-token never sees an NS-token), also returning this layer's S keys/values (``LayerKV``) to cache.
+      With ``past`` (cached keys/values of the positions before ``x_s``: the user cache's append), the
+      keys are ``[past ; x_s]`` and only the new rows are computed, as nanochat's KV cache does;
     - ``forward_ns(x_ns, layer, packing) -> x_ns'``: Stage II, candidates' NS-tokens against their
-      request's cached S keys/values (``LayerKV``), packed per request (``attention.Packing``);
-    - ``s_tail(x_q, kv, s_real) -> x_q'``: outputs of S-tokens ``x_q`` that are the LAST positions of a key
-      window ``kv`` (the user cache recomputes exactly these after an append).
+      request's cached S keys/values (``LayerKV``), packed per request (``attention.Packing``).
     """
 
     def __init__(self, config: ModelConfig, n_ns: int, layer_idx: int = 0, has_s_queries: bool = True):
@@ -126,23 +126,22 @@ class OneTransBlock(nn.Module):
         x_sq, h_sq = self._tail(x_s, h_s, n_q)
         return self._update(x_sq, h_sq, x_ns, LayerKV(*kv, s_real))
 
-    def forward_s(self, x_s: torch.Tensor, s_real: torch.Tensor, n_q: int):
-        """Stage I: (x_s' (N, n_q, d) or None at the top layer, kv_s 2 x (N, H, Ls, hd))."""
-        h_s = self.norm1(x_s)
-        kv = self.attn.kv_s(h_s)
+    def forward_s(self, x_s: torch.Tensor, s_real: torch.Tensor, n_q: int, past: LayerKV | None = None):
+        """Stage I: x_s (N, n, d) -> (x_s' (N, n_q, d) or None at the top layer, keys ``LayerKV`` (N, H, Ls, hd)),
+        where the keys are those of ``[past ; x_s]`` and the queries the last ``n_q`` rows of ``x_s``."""
+        h_s = self.norm1(x_s)  # (N, n, d)
+        k, v = self.attn.kv_s(h_s)  # 2 x (N, H, n, hd)
+        keys = LayerKV(k, v, s_real)
+        if past is not None:  # cached rows first: (N, H, Ls, hd) with Ls = past + n
+            keys = LayerKV(torch.cat([past.k, k], 2), torch.cat([past.v, v], 2), torch.cat([past.s_real, s_real], 1))
         x_sq, h_sq = self._tail(x_s, h_s, n_q)
         if x_sq is None:
-            return None, kv
-        return self._update(x_sq, h_sq, None, LayerKV(*kv, s_real))[0], kv
+            return None, keys
+        return self._update(x_sq, h_sq, None, keys)[0], keys
 
     def forward_ns(self, x_ns: torch.Tensor, layer: LayerKV, packing: Packing) -> torch.Tensor:
         """Stage II: NS-tokens (B, L_NS, d) against their request's S keys/values -> (B, L_NS, d)."""
         return self._update(None, None, x_ns, layer, packing)[1]
-
-    def s_tail(self, x_q: torch.Tensor, kv_s: tuple[torch.Tensor, torch.Tensor], s_real: torch.Tensor) -> torch.Tensor:
-        """Outputs (N, m, d) of the S-tokens ``x_q`` (N, m, d) that are the last m positions of the key window
-        whose keys/values (N, H, Ls, hd) and padding flags (N, Ls) are given."""
-        return self._update(x_q, self.norm1(x_q), None, LayerKV(*kv_s, s_real))[0]
 
     def _tail(self, x_s, h_s, n_q):
         if not self.has_s_queries:
@@ -280,8 +279,8 @@ class OneTrans(nn.Module):
                              "the candidate's NS-tokens, so the S side cannot be computed once per request")
         layers = []
         for block, n_q in zip(self.blocks, self.schedule(x_s.shape[1])):
-            x_next, (k, v) = self._call(block.forward_s, x_s, s_real, n_q)  # (R, n_q, d) or None, 2 x (R, H, Ls, hd)
-            layers.append(LayerKV(k, v, s_real))
+            x_next, keys = self._call(block.forward_s, x_s, s_real, n_q)  # (R, n_q, d) or None, (R, H, Ls, hd)
+            layers.append(keys)
             s_real = s_real[:, s_real.shape[1] - n_q:]  # (R, n_q): the kept tail
             x_s = x_next
         return RequestCache(layers)

@@ -77,9 +77,8 @@ def check_events(model, events) -> None:
 
 
 def tokenize_events(model, events) -> tuple[torch.Tensor, torch.Tensor]:
-    """S-tokens (1, L_S, d) and flags (1, L_S) of one user's events, through the model's own tokenizer. An
-    empty history is one padding position (the model needs L_S >= 1)."""
-    check_events(model, events)
+    """S-tokens (1, L_S, d) and flags (1, L_S) of one user's events (checked by ``check_events`` first),
+    through the model's own tokenizer. An empty history is one padding position (the model needs L_S >= 1)."""
     seq_type, fields = events.seq_type[None], {f: events.fields[f][None] for f in model.tokenizer.seq.fields}  # (1, n)
     if not len(events):
         seq_type, fields = F.pad(seq_type, (1, 0)), {f: F.pad(v, (1, 0)) for f, v in fields.items()}  # (1, 1) padding
@@ -89,6 +88,7 @@ def tokenize_events(model, events) -> tuple[torch.Tensor, torch.Tensor]:
 
 def fresh_stage_one(model, window) -> RequestCache:
     """Stage I of one user's history window from scratch (any merge): the slow twin of ``UserCache``."""
+    check_events(model, window.events)
     x, real = tokenize_events(model, window.events)
     return model.stage_one(x, real)
 
@@ -221,43 +221,38 @@ class UserCache:
 
 
 def _advance_layer(block, step: LayerPlan, old: LayerState | None, x_new: torch.Tensor | None, end: int):
-    """One layer: ``x_new`` (1, end - inputs_from, d) are its new or changed inputs (None: none). Returns the
-    layer's new state and its outputs of ``[outputs_from, end)`` (the next layer's changed inputs, or None)."""
+    """One layer: ``x_new`` (1, end - inputs_from, d) are its new or changed inputs (None: none). Runs the block's
+    Stage I on the rows that need it, against the cached keys/values before them; returns the layer's new
+    state and its outputs of ``[outputs_from, end)`` (the next layer's changed inputs, or None)."""
     u = step.inputs_from
-    h, d = block.attn.n_heads, block.attn.d
-    w = block.norm1.weight  # device and dtype of empty tensors
-    if old is None:  # a fresh state: nothing cached (every row below is new)
-        old = LayerState(w.new_zeros(1, h, 0, d // h), w.new_zeros(1, h, 0, d // h), u, w.new_zeros(1, 0, d), u)
-
-    def keep(t: torch.Tensor, t_start: int, a: int, dim: int) -> torch.Tensor | None:
-        """Cached rows [a, u) of ``t``, whose first row is position ``t_start``."""
-        return t.narrow(dim, a - t_start, u - a) if u > a else None
-
-    def new_rows(a: int) -> torch.Tensor | None:
-        """New inputs of [max(a, u), end)."""
-        return None if x_new is None else x_new[:, max(a, u) - u:]
-
-    # keys/values of the key window: cached rows before u stay exact, the rest from the new inputs
-    rows = new_rows(step.key_start)
-    k_add, v_add = block.kv_s(rows) if rows is not None else (None, None)  # 2 x (1, H, n_new, hd)
-    k = _cat([keep(old.k, old.key_start, step.key_start, 2), k_add], 2, old.k[:, :, :0])  # (1, H, end - key_start, hd)
-    v = _cat([keep(old.v, old.key_start, step.key_start, 2), v_add], 2, old.v[:, :, :0])
-    if not block.has_s_queries:  # the top layer: keys/values only
-        return LayerState(k, v, step.key_start, old.x[:, :0], end), None
-    # inputs of the query positions; outputs of [outputs_from, end) against the key window
-    x = _cat([keep(old.x, old.query_start, step.query_start, 1), new_rows(step.query_start)], 1,
-             old.x[:, :0])  # (1, end - query_start, d)
-    state = LayerState(k, v, step.key_start, x, step.query_start)
-    x_q = x[:, step.outputs_from - step.query_start:]  # (1, end - outputs_from, d)
-    if not x_q.shape[1]:
-        return state, None
-    real = torch.ones(1, k.shape[2], dtype=torch.bool, device=k.device)  # a user's window has no padding
-    return state, block.s_tail(x_q, (k, v), real)
-
-
-def _cat(parts: list[torch.Tensor | None], dim: int, empty: torch.Tensor) -> torch.Tensor:
-    parts = [t for t in parts if t is not None and t.shape[dim]]
-    return empty if not parts else parts[0] if len(parts) == 1 else torch.cat(parts, dim)
+    # rows [a, end) go through the block: the new inputs, and before them any cached inputs whose outputs
+    # must be recomputed (a moved key window); keys/values of [key_start, a) come from the cache
+    a = min(step.outputs_from, max(step.key_start, u))
+    past = None  # the cached keys/values of [key_start, a)
+    if old is not None and a > step.key_start:
+        i, n = step.key_start - old.key_start, a - step.key_start
+        past = LayerKV(old.k.narrow(2, i, n), old.v.narrow(2, i, n), torch.ones(1, n, dtype=torch.bool, device=old.k.device))
+    parts = [] if old is None or a >= u else [old.x.narrow(1, a - old.query_start, u - a)]  # cached inputs of [a, u)
+    if x_new is not None:
+        parts.append(x_new[:, max(a, u) - u:])  # new inputs of [max(a, u), end)
+    if not parts:  # nothing new reaches this layer: its cached rows, trimmed to the (maybe moved) windows
+        if old is None:  # an empty history
+            h, d = block.attn.n_heads, block.attn.d
+            w = block.norm1.weight
+            return LayerState(w.new_zeros(1, h, 0, d // h), w.new_zeros(1, h, 0, d // h), end, w.new_zeros(1, 0, d), end), None
+        k, v = (past.k, past.v) if past is not None else (old.k[:, :, :0], old.v[:, :, :0])
+        x = old.x[:, old.x.shape[1] - (end - step.query_start):]  # (cached up to end: nothing below changed)
+        return LayerState(k, v, step.key_start, x, step.query_start), None
+    x = torch.cat(parts, 1) if len(parts) > 1 else parts[0]  # (1, end - a, d)
+    n_q = end - step.outputs_from if block.has_s_queries else 0
+    real = torch.ones(1, x.shape[1], dtype=torch.bool, device=x.device)  # a user's window has no padding
+    out, keys = block.forward_s(x, real, n_q, past)
+    # layer inputs of the query positions [query_start, end), kept to recompute outputs later
+    if step.query_start >= a:
+        x_q = x[:, step.query_start - a:]
+    else:
+        x_q = torch.cat([old.x.narrow(1, step.query_start - old.query_start, a - step.query_start), x], 1)
+    return LayerState(keys.k, keys.v, step.key_start, x_q, step.query_start), out
 
 
 # ----------------------------------------------------------------------------------------------

@@ -332,7 +332,6 @@ def test_blocks_split_into_stage_one_and_stage_two():
     """Stage I per REQUEST (S-tokens alone, K/V kept per layer), Stage II per candidate (NS-tokens against
     their request's cached K/V, packed) reproduce the full per-candidate forward, block by block."""
     from onetrans_mini.attention import Packing
-    from onetrans_mini.kv_cache import LayerKV
 
     model = make_model(tiny_config(n_layers=4))
     batch = make_batch(lengths=[16, 7, 0], seed=7)
@@ -340,8 +339,8 @@ def test_blocks_split_into_stage_one_and_stage_two():
     x_s, s_real, x_ns = model.tokenizer(batch)  # S-tokens once per request
     packing = Packing(batch.request_index, x_s.shape[0])
     for block, n_q in zip(model.blocks, model.schedule(x_s.shape[1])):
-        x_s_next, (k, v) = block.forward_s(x_s, s_real, n_q)  # Stage I: (R, n_q, d), 2 x (R, H, Ls, hd)
-        x_ns = block.forward_ns(x_ns, LayerKV(k, v, s_real), packing)  # Stage II: (B, L_NS, d)
+        x_s_next, keys = block.forward_s(x_s, s_real, n_q)  # Stage I: (R, n_q, d), LayerKV (R, H, Ls, hd)
+        x_ns = block.forward_ns(x_ns, keys, packing)  # Stage II: (B, L_NS, d)
         s_real = s_real[:, s_real.shape[1] - n_q:]
         x_s = x_s_next
     torch.testing.assert_close(model.head(model.norm_f(x_ns)), full, **TOL)
