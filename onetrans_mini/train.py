@@ -151,7 +151,7 @@ def make_optimizers(model: nn.Module, cfg: TrainConfig, lr: float) -> Optimizers
     # AdamW: decay the dense matrices only; embeddings, norms and biases are not decayed. The embedding
     # tables get a 30x larger lr: a row moves only in the few steps whose batch holds its id, from an
     # N(0, 1) start, so at the dense lr the item and user tables stay near their random init and the
-    # model cannot even learn what the per-item mean floor knows (the measured effect: README results)
+    # model struggles to learn even what the per-item mean floor knows
     decay = [p for p in dense if p.dim() >= 2]
     no_decay = [p for p in dense if p.dim() < 2]
     emb_lr = 30 * lr if cfg.embedding_lr is None else cfg.embedding_lr
