@@ -83,9 +83,9 @@ NSFeature = Categorical | Bucketized | MultiCategorical
 class SequenceSpec:
     """One behaviour sequence of the user (e.g. ``liked`` events), in intent order.
 
-    ``behaviours`` lists the event behaviour names that belong to this sequence. ``fields`` names the
-    per-event fields each S-token of this sequence is built from; they are shared across sequences
-    (one embedding table per field) while each sequence has its own MLP (paper §2).
+    ``behaviours`` lists the event behaviour names that belong to this sequence. Every sequence's
+    S-tokens are built from the schema's ``event_fields`` (one embedding table per field, shared across
+    sequences), while each sequence has its own MLP (paper §2).
     """
 
     name: str
@@ -107,7 +107,7 @@ class Schema:
     ``event_fields`` are the per-event features of S-tokens (shared by all sequences). They must be
     prefix-stable: a field of an event may depend on that event and the ones before it, never on the
     request (no "time since the event measured at request time"), so that a cached S-token state stays
-    valid when newer events are appended (see ``cache.py``).
+    valid when newer events are appended (see ``user_cache.py``).
     """
 
     ns_features: tuple[NSFeature, ...]

@@ -29,8 +29,8 @@ import torch.nn.functional as F
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """x / rms(x) * weight over the last dimension: ``RMSNorm``'s maths as a function (the user cache's
-    few-row path calls it on plain tensors, where a module call costs as much as the maths)."""
+    """x / rms(x) * weight over the last dimension: ``RMSNorm``'s maths. Half types (bf16 under autocast)
+    are normalized in fp32: their mean of squares would lose precision."""
     if x.dtype == torch.float32:  # the same maths in one fused op (tested equal to the lines below)
         return F.rms_norm(x, (x.shape[-1],), weight, eps)
     # normalize in fp32 at least, even under autocast: the mean of squares loses precision in half types
@@ -92,10 +92,6 @@ class MixedLinear(nn.Module):
         # one batched matmul over the token axis: token n uses its own (d_in, d_out) slice
         return torch.einsum("bnd,nde->bne", x, self.weight_ns)  # (N, L_NS, d_out)
 
-    def forward(self, x_s: torch.Tensor | None, x_ns: torch.Tensor | None):
-        """Both streams at once: ``(y_s, y_ns)``, either may be None."""
-        return (None if x_s is None else self.forward_s(x_s)), (None if x_ns is None else self.forward_ns(x_ns))
-
     @torch.no_grad()
     def reference_ns(self, x: torch.Tensor) -> torch.Tensor:
         """Slow twin of ``forward_ns``: an explicit loop over NS tokens (tests only)."""
@@ -126,9 +122,6 @@ class MixedFFN(nn.Module):
 
     def forward_ns(self, x: torch.Tensor) -> torch.Tensor:
         return self.w2.forward_ns(F.gelu(self.w1.forward_ns(x)))  # (N, L_NS, d)
-
-    def forward(self, x_s, x_ns):
-        return (None if x_s is None else self.forward_s(x_s)), (None if x_ns is None else self.forward_ns(x_ns))
 
     @torch.no_grad()
     def reference_ns(self, x: torch.Tensor) -> torch.Tensor:
