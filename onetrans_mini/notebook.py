@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import os
 import platform
-import random
 
-import numpy as np
 import torch
+
+from .train import seed_everything  # noqa: F401  (the trainer's, re-exported for the first cell)
 
 SMOKE = os.environ.get("ONETRANS_SMOKE", "").lower() in ("1", "true", "yes") or os.environ.get("CI", "").lower() in ("1", "true")
 
@@ -19,12 +19,6 @@ SMOKE = os.environ.get("ONETRANS_SMOKE", "").lower() in ("1", "true", "yes") or 
 def pick(full, smoke):
     """``full`` normally, ``smoke`` in smoke mode: ``n_epochs = pick(5, 1)``."""
     return smoke if SMOKE else full
-
-
-def seed_everything(seed: int = 0) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def hardware() -> str:
