@@ -193,6 +193,7 @@ def _assert_same_requests(ref, own):
         np.testing.assert_array_equal(ref.history[k], own.history[k], err_msg=f"history.{k}")
 
 
+@pytest.mark.filterwarnings("ignore::onetrans_mini.data.DataWarning")  # checked once below
 def test_synthetic_world_written_as_own_data_gives_the_same_requests_and_floors(tmp_path):
     ref = load_synthetic("tiny", seed=0, use_cache=False)
     folder = write_own_data(tmp_path / "world", "tiny", seed=0)
@@ -228,6 +229,7 @@ def test_synthetic_world_written_as_own_data_gives_the_same_requests_and_floors(
     assert same.vocab_sizes() == ref.vocab_sizes()
 
 
+@pytest.mark.filterwarnings("ignore::onetrans_mini.data.DataWarning")  # the world's repeated rows
 def test_dataset_json_errors_name_the_file_and_key(tmp_path):
     folder = write_own_data(tmp_path / "w", "tiny")
     for bad, match in (({"tasks": "click"}, r"'tasks' must be a non-empty list"),

@@ -36,7 +36,7 @@ import numpy as np
 import pandas as pd
 
 from ..config import DataConfig
-from ..features import Bucketized, Categorical, MultiCategorical, Schema, SequenceSpec, Task
+from ..features import Bucketized, Categorical, MultiCategorical, Schema, SequenceSpec, Task, column_of
 from .movielens import GAP_BOUNDARIES
 from .requests import SPLITS, DataError, RequestData, _at, _cell, _columns, _require_columns, _to_frame, build_requests
 
@@ -229,7 +229,7 @@ def load_custom(interactions, tasks: list[str] | None = None, users=None, items=
     missing = [t for t in tasks if t not in df.columns]
     if missing:
         raise DataError(f"{what}: missing task column(s) {missing}; columns present: {_columns(df)}")
-    _warn_about(df, tasks, what)
+    _warn_about(df, tasks, what, schema)
     if "behaviour" not in df.columns:
         if sequences:
             raise DataError(f"{what}: sequences {list(sequences)} are named but the table has no 'behaviour' column")
@@ -247,9 +247,11 @@ def load_custom(interactions, tasks: list[str] | None = None, users=None, items=
     return data
 
 
-def _warn_about(df: pd.DataFrame, tasks: list[str], what: str) -> None:
+def _warn_about(df: pd.DataFrame, tasks: list[str], what: str, schema: Schema | None = None) -> None:
     """Say what is loaded but probably not meant: columns that are neither tasks nor used, repeated rows."""
     used = RESERVED | set(tasks) | {f"prob_{t}" for t in tasks}
+    if schema is not None:  # a given schema may read context columns of the interactions
+        used |= {column_of(f) for f in schema.ns_features if f.source == "context"}
     unused = [c for c in df.columns if c not in used]
     if unused:
         warnings.warn(
