@@ -2,8 +2,8 @@
 
 Behaviour sequences are append-only, so a user's next request sees the same history plus a few new
 events. ``UserCache`` keeps that user's S side between requests and ``advance`` brings it to the new
-history window through the block's own modules (``OneTransBlock.kv_s`` and ``s_tail``), on the new
-rows only. ``UserCacheStore`` holds many users, least recently used evicted first, under a byte bound.
+history window through the block's own Stage I (``OneTransBlock.forward_s`` with the cached keys/values
+as ``past``), on the rows that changed only. ``UserCacheStore`` holds many users, least recently used evicted first, under a byte bound.
 
 What is exact, and why (the paper leaves it open)
 -------------------------------------------------
@@ -20,12 +20,11 @@ Consequences, which ``plan`` encodes (one ``LayerPlan`` per layer, integers only
 
 - appending events: layers 0 and 1 keep their window start (``q_0 = L_S``), so old outputs stay and only
   the new rows are computed. At a pyramid layer l >= 2 the window start moves with every append, so
-  that layer's outputs (its last ``q_l`` positions) are recomputed from its cached INPUTS, against
-  keys/values that are reused wherever their inputs did not change. The top layer has no S queries:
-  keys/values only.
+  that layer's outputs (its last ``q_l`` positions) are recomputed from its cached INPUTS; the keys/values
+  of the positions before them come from the cache. The top layer has no S queries: keys/values only.
 - front truncation (the window is full and drops old events): layer 0's window start moves, so every
-  output is recomputed; the tokens' layer-0 keys/values are still reused. ``serving.EventLog`` drops
-  old events a block at a time so that this happens rarely.
+  output is recomputed from the cached S-tokens (only the new events are tokenized). ``serving.EventLog``
+  drops old events a block at a time so that this happens rarely.
 - the timestamp-agnostic merge regroups events by sequence, so an appended event shifts later tokens:
   nothing is reusable, and the store runs a fresh Stage I on every request (with a warning).
 - ``approx=True`` reuses every output computed before, moved window or not (a plain append-only store
@@ -264,7 +263,7 @@ class CacheStats:
     hits: int = 0  # requests served from a cached user state (only the changes computed)
     misses: int = 0  # requests that ran a fresh Stage I (user never seen, evicted, or fallback)
     evictions: int = 0
-    truncations: int = 0  # hits whose window front moved (layer 0 recomputed from cached tokens/keys)
+    truncations: int = 0  # hits whose window front moved (every layer recomputed from the cached S-tokens)
     pyramid_recomputes: int = 0  # hits where a layer >= 2 recomputed outputs because its key window moved
     fallbacks: int = 0  # requests where exact reuse is impossible (timestamp-agnostic merge)
     not_stored: int = 0  # states larger than the whole store
