@@ -388,6 +388,7 @@ def run_suite(suite: SuiteConfig | str, device="cpu", sections=tuple(SECTIONS), 
     t_start = time.perf_counter()
     out = {"schema": SCHEMA_VERSION, "suite_name": name, "suite": dataclasses.asdict(suite),
            "hardware": {"device": device.type, "description": hardware(), "threads": torch.get_num_threads(),
+                        "cpu_capability": torch.backends.cpu.get_cpu_capability(),  # AVX2: no bf16 arithmetic
                         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"), "torch": torch.__version__,
                         "load_average_start": os.getloadavg()[0], "date": time.strftime("%Y-%m-%d %H:%M:%S")},
            "model": dataclasses.asdict(get_preset(suite.preset, max_len=suite.seq_len, ns_tokens=suite.ns_tokens))}
@@ -466,7 +467,8 @@ def to_markdown(res: dict) -> str:
     """The report: one table per section, the paper's percentages beside ours."""
     hw, s, m = res["hardware"], res["suite"], res["model"]
     out = [f"# onetrans-mini systems benchmark (suite `{res['suite_name']}`)", "",
-           f"- {hw['description']}; OMP_WAIT_POLICY={hw['omp_wait_policy']}; load average "
+           f"- {hw['description']}, CPU capability {hw.get('cpu_capability', 'n/a')}; OMP_WAIT_POLICY="
+           f"{hw['omp_wait_policy']}; load average "
            f"{hw['load_average_start']:.2f} at start, {hw['load_average_end']:.2f} at end; {hw['date']}",
            f"- preset `{s['preset']}` (d={m['d_model']}, {m['n_layers']} layers, {m['n_heads']} heads), L_S={s['seq_len']}"
            f" events, L_NS={s['ns_tokens']}; medians of {s['reps']} interleaved repetitions (latency: "
@@ -486,21 +488,23 @@ def readme_table(res: dict) -> str:
     rows = {sec: {r["paper"]: r for r in res[sec]["rows"] if r["paper"]} for sec in ("train", "inference")}
     label = {"pyramid": "pyramid stack", "kv_cache": "request-level KV cache", "flash": "fused attention (SDPA)",
              "mixed_precision": "bf16 + recomputation (inference: bf16)"}
-    both = lambda sec, key, ours: (f"{signed_percent(rows[sec][p]['delta'][ours])} "  # noqa: E731
-                                   f"({signed_percent(PAPER_TABLE4[p][key])})")
-    s = res["suite"]
-    out = _table([f"each alone, vs unoptimized (paper's in brackets); `{s['preset']}`, L_S={s['seq_len']}, CPU",
+
+    def both(p, sec, ours, theirs):
+        return f"{signed_percent(rows[sec][p]['delta'][ours])} ({signed_percent(PAPER_TABLE4[p][theirs])})"
+
+    s, hw = res["suite"], res["hardware"]
+    out = _table([f"each alone vs unoptimized, `{s['preset']}`, L_S={s['seq_len']}, CPU ({hw.get('cpu_capability')})",
                   "train time", "train memory", "p99 latency", "inference memory"],
-                 [[label[p], both("train", "train_time", "time"), both("train", "memory" and "train_memory", "memory"),
-                   both("inference", "p99", "p99"), both("inference", "inference_memory", "memory")]
+                 [[label[p], both(p, "train", "time", "train_time"), both(p, "train", "memory", "train_memory"),
+                   both(p, "inference", "p99", "p99"), both(p, "inference", "memory", "inference_memory")]
                   for p in PAPER_TABLE4 if p in rows["train"] and p in rows["inference"]])
     ts = max((p for p in res["two_stage"]["points"] if p["candidates"] <= 64), key=lambda p: p["candidates"])
     ap = min(res["append"]["points"], key=lambda p: abs(p["new"] - 8))
     out += [f"Two-stage scoring of {ts['candidates']} candidates over {res['two_stage']['seq_len']} events: "
             f"{ts['speedup']:.1f}x faster than the per-candidate forward (FLOPs ratio {ts['flops_ratio']:.1f}x). "
             f"Appending {ap['new']} events to a cached {ap['cached']}-event history: {100 * ap['ratio']:.1f}% of a "
-            f"fresh Stage I ({res['append']['threads']} thread). Load average {res['hardware']['load_average_start']:.2f}, "
-            f"{res['hardware']['date'][:10]}."]
+            f"fresh Stage I ({res['append']['threads']} thread). Measured {hw['date'][:10]}, "
+            f"OMP_WAIT_POLICY={hw['omp_wait_policy']}, load average {hw['load_average_start']:.2f}."]
     return "\n".join(out) + "\n"
 
 
