@@ -142,8 +142,11 @@ def attend_packed(q, k_n, v_n, k_s, v_s, s_real, n_ns: int, dropout_p: float = 0
     r, h, cl, hd = q.shape
     c, ls = cl // n_ns, k_s.shape[2]
     scale = hd**-0.5
-    s_s = (q @ k_s.transpose(-2, -1)) * scale  # (R, H, C*L_NS, Ls): every candidate against its request's keys
-    s_s = s_s.masked_fill(~s_real[:, None, None, :], float("-inf"))  # padding keys
+    # (R, H, C*L_NS, Ls): every candidate against its request's keys, scaled and masked in one pass (the
+    # padding keys' -inf enters as an additive bias: scale * q k^T + bias)
+    bias = torch.zeros(r, h, 1, ls, dtype=q.dtype, device=q.device).masked_fill(~s_real[:, None, None, :], float("-inf"))
+    s_s = torch.baddbmm(bias.view(r * h, 1, ls), q.reshape(r * h, cl, hd), k_s.reshape(r * h, ls, hd).transpose(1, 2),
+                        alpha=scale).view(r, h, cl, ls)
     qc = q.view(r, h, c, n_ns, hd)
     s_n = (qc @ k_n.view(r, h, c, n_ns, hd).transpose(-2, -1)) * scale  # (R, H, C, L_NS, L_NS)
     causal = torch.ones(n_ns, n_ns, dtype=torch.bool, device=q.device).tril()
