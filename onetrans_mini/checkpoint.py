@@ -12,6 +12,9 @@ A run folder (written by ``train.train`` and the ``onetrans-mini train`` command
 
 Weights are safetensors (no pickle: a run folder from elsewhere cannot run code when loaded); the
 training state is a ``torch.save`` file read back with ``weights_only=True`` for the same reason.
+Each weights file carries the sha256 of its tensor bytes in its own metadata, checked on load with
+finiteness: a damaged checkpoint is refused with one line naming the file (or the tensor), instead of
+evaluating to a NaN logloss. Files written before digests were stored load with a warning.
 Every file is written to a temporary name and renamed, so an interrupted run never leaves a
 half-written checkpoint.
 """
@@ -19,10 +22,12 @@ half-written checkpoint.
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import os
 import platform
 import random
+import tempfile
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -51,20 +56,76 @@ def atomic_write(path: Path, write) -> None:
     os.replace(tmp, path)
 
 
+DIGEST_KEY = "sha256"  # safetensors metadata: sha256 of the file's tensor bytes (everything after the header)
+
+
 def save_weights(model: nn.Module, path: Path) -> None:
-    """Model weights as safetensors (tensors shared between modules are stored once)."""
+    """Model weights as safetensors (tensors shared between modules are stored once), with the sha256 of
+    the tensor bytes in the file's own metadata: written in one atomic rename with the bytes it
+    describes, so a crash can never leave weights and digest out of step (a separate digest file could)."""
     from safetensors.torch import save_model
 
-    atomic_write(Path(path), lambda p: save_model(model, str(p), metadata={"format": "pt"}))
+    def write(tmp: Path) -> None:
+        save_model(model, str(tmp), metadata={"format": "pt"})
+        header, data = _split_safetensors(tmp.read_bytes(), tmp)
+        header.setdefault("__metadata__", {})[DIGEST_KEY] = hashlib.sha256(data).hexdigest()
+        text = json.dumps(header, separators=(",", ":")).encode()
+        text += b" " * (-len(text) % 8)  # the header is padded to 8 bytes, as safetensors writes it
+        tmp.write_bytes(len(text).to_bytes(8, "little") + text + data)
+
+    atomic_write(Path(path), write)
 
 
-def load_weights(model: nn.Module, path: Path) -> None:
-    """Load safetensors weights into ``model`` (on its device); a clear TrainError if missing or foreign."""
-    from safetensors.torch import load_model
+def _split_safetensors(raw: bytes, path: Path) -> tuple[dict, bytes]:
+    """(header dict, tensor bytes) of a safetensors file: 8 bytes of header length, the JSON header, the data."""
+    try:
+        n = int.from_bytes(raw[:8], "little")
+        if len(raw) < 8 or n > len(raw) - 8:
+            raise ValueError(f"header length {n} runs past the end of the file ({len(raw)} bytes)")
+        header = json.loads(raw[8:8 + n])
+        if not isinstance(header, dict):
+            raise ValueError("the header is not a JSON object")
+    except (ValueError, UnicodeDecodeError) as e:
+        raise TrainError(f"{path}: not a readable safetensors checkpoint ({type(e).__name__}: {e})") from e
+    return header, raw[8 + n:]
+
+
+def verify_weights(path: Path) -> None:
+    """Refuse a damaged weights file with a clear TrainError naming it: tensor bytes that do not match
+    the digest ``save_weights`` stored, or a tensor holding NaN or inf (named). A file written before
+    digests were stored (no digest in its metadata) is checked for non-finite values only, with a warning."""
+    from safetensors.torch import load
 
     path = Path(path)
     if not path.is_file():
         raise TrainError(f"{path.parent}: no {path.name} (expected the weights a training run writes)")
+    raw = path.read_bytes()
+    header, data = _split_safetensors(raw, path)
+    want = (header.get("__metadata__") or {}).get(DIGEST_KEY)
+    if want is None:
+        warnings.warn(f"{path} has no sha256 digest (written before digests were stored): its bytes are not "
+                      f"verified", stacklevel=2)
+    elif hashlib.sha256(data).hexdigest() != want:
+        raise TrainError(f"{path}: damaged: its tensor bytes do not match the sha256 digest stored when it was "
+                         f"written (expected {want[:12]}..., got {hashlib.sha256(data).hexdigest()[:12]}...)")
+    try:
+        tensors = load(raw)
+    except Exception as e:  # a truncated or foreign file
+        raise TrainError(f"{path}: not a readable safetensors checkpoint ({type(e).__name__}: {e})") from e
+    for name, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise TrainError(f"{path}: tensor {name!r} holds non-finite values ({bad} NaN or inf of {t.numel()}); "
+                             f"expected finite weights (did the training diverge?)")
+
+
+def load_weights(model: nn.Module, path: Path) -> None:
+    """Load safetensors weights into ``model`` (on its device), verified first (``verify_weights``); a
+    clear TrainError if missing, damaged, non-finite or foreign."""
+    from safetensors.torch import load_model
+
+    path = Path(path)
+    verify_weights(path)
     try:
         missing, unexpected = load_model(model, str(path), strict=False, device=str(model_device(model)))
     except Exception as e:  # a truncated or foreign file
@@ -179,8 +240,11 @@ def write_config(run_dir, model_name: str, model: nn.Module, data: RequestData, 
         **extra,
     }
     if dist_info().is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write(run_dir / "config.json", lambda p: p.write_text(json.dumps(conf, indent=2, default=json_default)))
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write(run_dir / "config.json", lambda p: p.write_text(json.dumps(conf, indent=2, default=json_default)))
+        except OSError as e:
+            raise TrainError(f"run folder {run_dir}: cannot write config.json ({e.strerror}: {e.filename!r})") from e
     return conf
 
 
@@ -226,8 +290,9 @@ def data_of(conf: dict, run_dir) -> tuple[str, DataConfig, int]:
 
 
 def load_run(run_dir, data: RequestData | None = None, weights: str = "model.safetensors") -> Run:
-    """Rebuild a saved run: its data (prepared again from its name and config, or ``data``), its model
-    with the saved ``weights`` (the best by default; ``last.safetensors`` for the latest)."""
+    """Rebuild a saved run: its model with the saved ``weights`` (the best by default;
+    ``last.safetensors`` for the latest), loaded and verified first, then its data (prepared again from
+    its name and config, or ``data``): a damaged run folder is refused before any data is prepared."""
     run_dir = Path(run_dir)
     conf = read_config(run_dir)
     try:
@@ -240,18 +305,35 @@ def load_run(run_dir, data: RequestData | None = None, weights: str = "model.saf
         raise
     except (TypeError, ValueError, KeyError) as e:
         raise TrainError(f"{run_dir / 'config.json'}: corrupt run config ({type(e).__name__}: {e})") from e
+    model = build_model(conf["model"], model_cfg, schema, conf["vocab_sizes"])
+    load_weights(model, run_dir / weights)
+    model.eval()
     if data is None:
         name, data_conf, seed = data_of(conf, run_dir)
         data = load_dataset(name, config=data_conf, seed=seed)
     if data.schema.to_dict() != schema.to_dict() or data.vocab_sizes() != conf["vocab_sizes"]:
         raise TrainError(f"{run_dir}: the dataset {conf['data']['name']!r} prepared now differs from the one the run "
                          f"was trained on (schema or vocabulary sizes changed)")
-    model = build_model(conf["model"], model_cfg, schema, conf["vocab_sizes"])
-    load_weights(model, run_dir / weights)
-    model.eval()
     return Run(run_dir, model, data, conf["model"], cfg, conf)
 
 
+def check_run_dir(run_dir, flag: str = "--out") -> None:
+    """A clear TrainError unless a run folder can be written at ``run_dir`` (checked before any work):
+    every existing part of the path must be a folder, and the deepest existing one must let us create
+    a folder in it (tried: permission bits say nothing for root, read-only mounts or /proc). Leaves
+    nothing behind."""
+    run_dir = Path(run_dir)
+    where = f"{flag} {run_dir}: cannot write a run folder there"
+    parent = run_dir
+    while not parent.exists() and parent != parent.parent:  # the deepest part of the path that exists
+        parent = parent.parent
+    if not parent.is_dir():
+        raise TrainError(f"{where}: {parent} is a file, not a folder")
+    try:
+        probe = tempfile.mkdtemp(prefix=".onetrans-write-check-", dir=parent)
+    except OSError as e:
+        raise TrainError(f"{where} ({e.strerror}: {e.filename!r})") from e
+    os.rmdir(probe)
 # -- results ------------------------------------------------------------------------------------
 
 
@@ -293,7 +375,8 @@ def format_results(res: dict, markdown: bool = False) -> str:
     params = ", ".join(f"{k} {v:,}" for k, v in p.items() if k in ("dense", "embedding", "total")) or "?"
     head = (f"{res.get('split', 'test')} split of {res.get('dataset')}: {res['model']}"
             f"{' (preset ' + res['preset'] + ')' if res.get('preset') else ''}; parameters: {params}; "
-            f"device {res.get('device')}; wall time {res.get('wall_seconds', float('nan')):.1f} s")
+            f"device {res.get('device')}{'; threads ' + res['threads'] if res.get('threads') else ''}; "
+            f"wall time {res.get('wall_seconds', float('nan')):.1f} s")
     if res.get("best_epoch"):
         head += f"; best epoch {res['best_epoch']} of {res.get('epochs_run')}"
     if markdown:

@@ -348,3 +348,36 @@ def test_cli_evaluate_bad_run_folders(tmp_path, capsys, straight_run):
     assert "corrupt run config" in _one_error_line(capsys)
     assert main(["train", "--resume", str(tmp_path / "missing")]) == 2
     assert "does not exist" in _one_error_line(capsys)
+
+
+# ---------------------------------------------------------------------------------------------
+# weights carry a digest of their bytes
+
+
+def test_weights_carry_their_digest_and_damage_is_refused(straight_run, tiny_data, tmp_path):
+    import hashlib
+
+    from safetensors import safe_open
+
+    from onetrans_mini.checkpoint import load_weights, save_weights, verify_weights
+
+    model = straight_run[1]
+    path = tmp_path / "w.safetensors"
+    save_weights(model, path)
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    with safe_open(str(path), "pt") as f:  # safetensors reads it as usual; the digest is in its metadata
+        meta = f.metadata()
+    assert meta["format"] == "pt" and meta["sha256"] == hashlib.sha256(raw[8 + n:]).hexdigest()
+    assert n % 8 == 0
+    copy = fresh_model(tiny_data, seed=5)
+    load_weights(copy, path)
+    assert_same_state(state(copy), state(model))
+    damaged = bytearray(raw)
+    damaged[-3] ^= 0x01  # one bit of the last tensor
+    path.write_bytes(bytes(damaged))
+    with pytest.raises(TrainError, match=r"w\.safetensors: damaged: its tensor bytes do not match the sha256 digest"):
+        verify_weights(path)
+    with pytest.raises(TrainError, match=r"w\.safetensors: damaged"):
+        load_weights(copy, path)
+    assert_same_state(state(copy), state(model))  # refused before anything was loaded
