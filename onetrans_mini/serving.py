@@ -25,12 +25,13 @@ from __future__ import annotations
 import math
 import statistics
 import time
+from collections.abc import Hashable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from .data.batching import Batch
+from .data.batching import Batch, check_ns
 from .user_cache import UserCacheStore, check_events
 
 MODES = ("none", "request", "both", "approx")
@@ -140,6 +141,11 @@ class EventLog:
         self._win[user] = w
         return w
 
+    def last_time(self, user) -> float | None:
+        """The time of the user's newest logged event (None: no events yet)."""
+        w = self._win.get(user)
+        return float(w.events.time[-1]) if w is not None and len(w.events) else None
+
     def window(self, user) -> Window:
         if user not in self._win:
             raise UnknownUserError(f"user {user!r} has no history: nothing is known about it. Append its events first "
@@ -154,14 +160,47 @@ class EventLog:
 
 @dataclass
 class Request:
-    """One request of the stream: NS features of its candidates (``ns``, as ``Batch.ns``)."""
+    """One request: a user, the events since its previous request, the candidates to score.
 
-    user: int
-    request_id: int
-    time: float
-    new_events: Events
-    ns: dict
-    n_candidates: int
+    The one-request call is ``server.score(Request(user, new_events=events, ns=candidates))``.
+
+    - ``request_id``: a label that error messages name (optional).
+    - ``time``: when the request was made (optional). Given, the server checks it against the user's
+      events: every event comes before the request that sends it, and a request is not older than the
+      user's newest logged event (a stream replayed out of order would otherwise score one user's later
+      history into an earlier request).
+    - ``new_events``: the user's events since its previous request, oldest first (None: none).
+    - ``ns``: the candidates' NS features, as ``Batch.ns`` (required).
+    - ``n_candidates``: derived from ``ns``; given, it must agree.
+    """
+
+    user: Hashable
+    request_id: int | None = None
+    time: float | None = None
+    new_events: Events | None = None
+    ns: dict | None = None
+    n_candidates: int | None = None
+
+    def __post_init__(self):
+        if self.ns is None:
+            raise ValueError(f"{self.where}: ns (the candidates' NS features) is required")
+        rows = next(iter(self.ns.values())).shape[0] if self.ns else 0
+        if self.n_candidates is None:
+            self.n_candidates = rows
+        elif self.n_candidates != rows:
+            raise ValueError(f"{self.where}: n_candidates={self.n_candidates}, but its candidate features have "
+                             f"{rows} rows (request.ns[{next(iter(self.ns))!r}])")
+
+    @property
+    def where(self) -> str:
+        """How error messages name this request."""
+        return f"request {self.request_id} (user {self.user!r})" if self.request_id is not None else f"user {self.user!r}"
+
+
+def check_candidates(model, ns: dict, n: int, where: str = "request.ns") -> None:
+    """Clear errors for candidates a model cannot score: every NS feature of its schema, integer ids in
+    each feature's vocabulary, ``n`` rows (the same check as a training batch's, ``data.batching.check_ns``)."""
+    check_ns(ns, model.schema, model.tokenizer.embeddings.size, n, check_ids=True, where=where)
 
 
 def replay_stream(data, split: str = "test", max_requests: int | None = None):
@@ -214,6 +253,7 @@ class Server:
             raise ValueError(f"Server: mode must be one of {MODES}, got {mode!r}")
         self.model, self.mode = model, mode
         self.log = EventLog(model.config.max_len, drop_block)
+        self._event_fields = [f.name for f in model.schema.event_fields]
         self.store = None
         if mode in ("both", "approx"):
             self.store = UserCacheStore(model, cache_bytes, mode="approx" if mode == "approx" else "exact")
@@ -224,19 +264,43 @@ class Server:
         if self.store is not None:
             self.store.clear()
 
+    def check(self, req: Request) -> Events:
+        """Every check a request must pass before anything is stored (events, candidates, time order);
+        returns its new events. Errors name the request and the field."""
+        model = self.model
+        events = req.new_events if req.new_events is not None else Events.empty(self._event_fields)
+        try:
+            check_events(model, events)
+            check_candidates(model, req.ns, req.n_candidates)
+        except ValueError as e:
+            raise type(e)(f"{req.where}: {e}") from None
+        last = self.log.last_time(req.user)
+        if last is not None and len(events) and float(events.time[0]) < last:
+            raise OutOfOrderError(f"{req.where}: new event at time {float(events.time[0])} is older than the user's "
+                                  f"newest logged event ({last}); histories are append-only (late events need a rebuild)")
+        if req.time is not None:
+            if len(events) and float(events.time[-1]) > req.time:
+                raise OutOfOrderError(f"{req.where}: its event at time {float(events.time[-1])} is after the request's "
+                                      f"time {req.time} (events come before the request that sends them)")
+            if last is not None and last > req.time:
+                raise OutOfOrderError(f"{req.where}: time {req.time} is before the user's newest logged event ({last}): "
+                                      "requests of a user must come in time order")
+        return events
+
     @torch.inference_mode()
     def score(self, req: Request) -> torch.Tensor:
-        """Logits (C, n_tasks) of the request's candidates. Its events are checked, then appended; a request
+        """Logits (C, n_tasks) of the request's candidates. The request is checked first (``check``): a
+        rejected request changes nothing. Then its events are appended and the candidates scored; a request
         with no candidates returns an empty (0, n_tasks) tensor (its events are kept; the user cache catches
         up at the user's next scored request)."""
         model = self.model
-        check_events(model, req.new_events)  # before anything is stored: a rejected request changes nothing
-        window = self.log.append(req.user, req.new_events)
+        events = self.check(req)
+        window = self.log.append(req.user, events)
         if req.n_candidates == 0:
             return torch.zeros(0, model.n_tasks)
         if self.store is not None:
             rc = self.store.request_cache(req.user, window)
-            return model.score(rc, req.ns, torch.zeros(req.n_candidates, dtype=torch.long))
+            return model.score(rc, req.ns, torch.zeros(req.n_candidates, dtype=torch.long))  # one cached request
         batch = window_batch(window, req.ns, model.n_tasks)
         if self.mode == "none":
             return model.forward_full(batch)[0]  # every candidate with its own copy of the history

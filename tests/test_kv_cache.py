@@ -370,10 +370,10 @@ def test_server_modes_agree_and_empty_requests():
     ns = make_batch(1, (3,), seed=1).ns
     for i, n in enumerate((5, 4, 0, 9, 3)):
         ev = s.events(n)
-        req = Request(user=i % 2, request_id=i, time=float(i), new_events=ev, ns=ns, n_candidates=3)
+        req = Request(user=i % 2, request_id=i, time=s.t, new_events=ev, ns=ns, n_candidates=3)  # after its events
         outs = {m: srv.score(req) for m, srv in servers.items()}
         assert max_diff(outs["request"], outs["none"]) <= TOL and max_diff(outs["both"], outs["none"]) <= TOL
-    empty = Request(user=0, request_id=9, time=9.0, new_events=s.events(2), ns={k: v[:0] for k, v in ns.items()},
+    empty = Request(user=0, request_id=9, new_events=s.events(2), ns={k: v[:0] for k, v in ns.items()},
                     n_candidates=0)
     assert servers["both"].score(empty).shape == (0, 2)
     assert len(servers["both"].log.window(0).events) == min(16, 5 + 0 + 3 + 2)  # its events were kept
@@ -452,12 +452,12 @@ def test_after_new_weights_the_server_forgets_its_cached_users():
     other = make_model(tiny_config(n_layers=4), seed=1).state_dict()
     server = Server(model, "both", drop_block=4, cache_bytes=1 << 20)
     s, ns = Stream(), make_batch(1, (3,), seed=1).ns
-    server.score(Request(0, 0, 0.0, s.events(6), ns, 3))
+    server.score(Request(0, 0, new_events=s.events(6), ns=ns))
     stale = UserCache()  # what a cache that is not cleared would hold: the old weights' states
     stale.advance(model, server.log.window(0))
     server.load_state_dict(other)
     assert len(server.store) == 0
-    req = Request(0, 1, 1.0, s.events(3), ns, 3)
+    req = Request(0, 1, new_events=s.events(3), ns=ns)
     got = server.score(req)
     window = server.log.window(0)
     assert max_diff(got, _reference(model, window, ns)) <= TOL
@@ -473,13 +473,13 @@ def test_a_rejected_request_changes_nothing():
     model = make_model(tiny_config(n_layers=4))
     server = Server(model, "both", drop_block=4, cache_bytes=1 << 20)
     s, ns = Stream(), make_batch(1, (3,), seed=1).ns
-    server.score(Request(0, 0, 0.0, s.events(6), ns, 3))
+    server.score(Request(0, 0, new_events=s.events(6), ns=ns))
     bad = s.events(2)
     bad.fields["hist_item"][0] = 999
     with pytest.raises(ValueError, match="hist_item"):
-        server.score(Request(0, 1, 1.0, bad, ns, 3))
+        server.score(Request(0, 1, new_events=bad, ns=ns))
     assert len(server.log.window(0).events) == 6 and server.store.stats.hits == 0
-    got = server.score(Request(0, 2, 2.0, s.events(3), ns, 3))
+    got = server.score(Request(0, 2, new_events=s.events(3), ns=ns))
     assert server.store.stats.hits == 1
     assert max_diff(got, _reference(model, server.log.window(0), ns)) <= TOL
 

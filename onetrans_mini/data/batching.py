@@ -113,8 +113,6 @@ def check_batch(batch: Batch, schema, vocab_size: Callable[[str], int], check_id
     sequence types and ``request_index`` (a few reductions, which synchronize a GPU). ``max_len``: the
     most history positions the model accepts (None: any).
     """
-    from ..features import MultiCategorical
-
     if batch.seq_mask.dim() != 2:
         raise ValueError(f"batch.seq_mask must be (R, L_S), got shape {tuple(batch.seq_mask.shape)}")
     r, length = batch.seq_mask.shape
@@ -135,13 +133,7 @@ def check_batch(batch: Batch, schema, vocab_size: Callable[[str], int], check_id
     if ri.dim() != 1:
         raise ValueError(f"batch.request_index must be (B,), got shape {tuple(ri.shape)}")
     b = ri.shape[0]
-    for f in schema.ns_features:
-        if f.name not in batch.ns:
-            raise ValueError(f"batch.ns lacks NS feature {f.name!r}; expected {[g.name for g in schema.ns_features]}")
-        multi = isinstance(f, MultiCategorical)
-        got = tuple(batch.ns[f.name].shape)
-        if not ((len(got) == 2 and got[0] == b) if multi else got == (b,)):
-            raise ValueError(f"batch.ns[{f.name!r}] must have shape {(b, f.max_len) if multi else (b,)}, got {got}")
+    check_ns(batch.ns, schema, vocab_size, b, check_ids=False)
     if not check_ids:
         return
     if b and (int(ri.min()) < 0 or int(ri.max()) >= r):
@@ -152,9 +144,35 @@ def check_batch(batch: Batch, schema, vocab_size: Callable[[str], int], check_id
         raise ValueError(f"batch.seq_type must be in 1..{n_seq} (the schema's sequences) on real events")
     if bool((st[~mask] != 0).any()):
         raise ValueError("batch.seq_type must be 0 on padding (where seq_mask is False)")
-    for name, ids in [*((f.name, batch.seq[f.name]) for f in schema.event_fields),
-                      *((f.name, batch.ns[f.name]) for f in schema.ns_features)]:
-        n = vocab_size(name)
-        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= n):
-            raise ValueError(f"feature {name!r}: ids must be in [0, {n}) (its vocabulary size), got range "
-                             f"[{int(ids.min())}, {int(ids.max())}]")
+    for f in schema.event_fields:
+        _check_ids(f.name, batch.seq[f.name], vocab_size(f.name))
+    for f in schema.ns_features:
+        _check_ids(f.name, batch.ns[f.name], vocab_size(f.name))
+
+
+def check_ns(ns: dict, schema, vocab_size: Callable[[str], int], b: int, check_ids: bool = True,
+             where: str = "batch.ns") -> None:
+    """Clear errors for the NS features of ``b`` candidates (``Batch.ns``, or a serving request's): every
+    feature of ``schema`` present, integer ids, shape (b,) or (b, width) for a multi-valued one; with
+    ``check_ids`` also the id ranges (a reduction per feature, which synchronizes a GPU)."""
+    from ..features import MultiCategorical
+
+    for f in schema.ns_features:
+        if f.name not in ns:
+            raise ValueError(f"{where} lacks NS feature {f.name!r}; expected {[g.name for g in schema.ns_features]}")
+        ids = ns[f.name]
+        multi = isinstance(f, MultiCategorical)
+        got = tuple(ids.shape)
+        if not ((len(got) == 2 and got[0] == b) if multi else got == (b,)):
+            raise ValueError(f"{where}[{f.name!r}] must have shape {(b, f.max_len) if multi else (b,)}, got {got}")
+        if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+            raise ValueError(f"{where}[{f.name!r}] must hold integer ids, got dtype {ids.dtype}")
+    if check_ids:
+        for f in schema.ns_features:
+            _check_ids(f.name, ns[f.name], vocab_size(f.name), where)
+
+
+def _check_ids(name: str, ids: torch.Tensor, n: int, where: str = "") -> None:
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= n):
+        raise ValueError(f"{where + ': ' if where else ''}feature {name!r}: ids must be in [0, {n}) (its vocabulary "
+                         f"size), got range [{int(ids.min())}, {int(ids.max())}]")
