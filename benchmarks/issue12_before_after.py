@@ -164,6 +164,10 @@ def to_markdown(res: dict) -> str:
               "|---|---:|---:|---:|---:|",
               *(f"| {side} | {1e3 * t['full']:.1f} | {1e3 * t['two_stage']:.2f} | {t['speedup']:.1f}x | "
                 f"{t['max_abs_diff']:.1e} |" for side, t in (("before", tb), ("after", ta))), "",
+              "Why `S` with 6 layers and with 3 differ: layer l >= 1 reads the last q_(l-1) outputs of the layer below, so",
+              "in a deep pyramid every layer >= 2 has a key window that moves with each append, and exactness forces",
+              "recomputing its whole tail (the positions-computed column); with 3 layers the only moving window is the top",
+              "layer's, which has no S queries, so an append computes only the new rows.", "",
               "Per-round shares and speed-ups (spread):", ""]
     for side in ("before", "after"):
         for k in (*[n for n, *_ in POINTS], "speedup"):
