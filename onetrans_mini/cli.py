@@ -5,6 +5,10 @@
     onetrans-mini evaluate RUN     re-score a saved run on its test split
     onetrans-mini replay [...]     replay a test period as a request stream: no cache / request cache / user cache
     onetrans-mini bench [...]      systems benchmark: the paper's Table 4 on our model (--quick: CPU, < 2 min)
+
+Bad input gets one line on stderr and exit status 2 (flags included: no usage dump), and is refused
+before any work. The CLI is the application, so process-wide settings live here and only here: the
+number of torch threads (``--threads``, see ``auto_threads``).
 """
 
 from __future__ import annotations
@@ -12,8 +16,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
+import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
 from .config import (
@@ -30,6 +37,105 @@ from .config import (
     get_preset,
 )
 from .data import DATASETS, DataError
+from .data.requests import SPLITS
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, with a bad flag reported in ONE line (no usage dump): ``error: PROG: MESSAGE (see PROG --help)``."""
+
+    def error(self, message):
+        self.exit(2, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def int_at_least(low: int):
+    """An argparse type: an integer >= ``low``."""
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            v = None
+        if v is None or v < low:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {text!r}")
+        return v
+    return parse
+
+
+def threads_arg(text: str) -> str | int:
+    if text == "auto":
+        return text
+    try:
+        v = int(text)
+    except ValueError:
+        v = 0
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or an integer >= 1, got {text!r}")
+    return v
+
+
+# ----------------------------------------------------------------------------------------------
+# threads
+
+THREADS_CAP = 4  # auto never picks more for train/evaluate (see auto_threads)
+
+THREADS_HELP = {
+    "batch": "torch intra-op threads: N, or auto (default) = the CPUs this process may use (affinity and "
+             "container quota, shared among torchrun's local processes) less the machine's 1-minute load, "
+             f"between 1 and {THREADS_CAP}. Why: torch's default (one per core) ignores other jobs, and threads that "
+             "wait on busy cores made a run 10-20x slower on a shared machine; at most "
+             f"{THREADS_CAP} since the small presets' matrices are narrow (a big idle machine may do better with "
+             "--threads N). The first output line says which was used",
+    "serving": "torch intra-op threads: N, or auto (default) = 1. Why: a request's tensors are tiny, so more "
+               "threads only wait on each other (a 300-request replay took 216 s with torch's default threads on a "
+               "busy machine, 8.9 s with one). The first output line says which was used",
+}
+
+
+def _cpus_available() -> int:
+    """CPUs this process may run on: its affinity mask, capped by a cgroup v2 CPU quota (containers)."""
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            n = min(n, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, n)
+
+
+def auto_threads(policy: str, cpus: int | None = None, load: float | None = None,
+                 local_procs: int | None = None) -> tuple[int, str]:
+    """The thread count ``--threads auto`` picks, and why (for the first output line).
+
+    ``serving``: 1. ``batch`` (train, evaluate): ``OMP_NUM_THREADS`` if the user set it; else the CPUs
+    available per local process (torchrun's ``LOCAL_WORLD_SIZE``) less the machine's 1-minute load
+    average, between 1 and ``THREADS_CAP``. Slower than ideal by at most ~``THREADS_CAP``x on an idle
+    many-core machine; never the 10-20x of oversubscribing a busy one."""
+    if policy == "serving":
+        return 1, "auto: one request at a time"
+    omp = os.environ.get("OMP_NUM_THREADS", "")
+    if omp.isdigit() and int(omp) >= 1:
+        return int(omp), f"auto: OMP_NUM_THREADS={omp}"
+    cpus = _cpus_available() if cpus is None else cpus
+    load = (os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0) if load is None else load
+    procs = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if local_procs is None else local_procs)
+    idle = max(0.0, cpus - load)
+    n = max(1, min(THREADS_CAP, cpus // procs, int(idle // procs)))
+    why = f"auto: {cpus} CPU{'s' if cpus != 1 else ''}, load {load:.1f}" + (f", {procs} local processes" if procs > 1 else "")
+    return n, why + (f", at most {THREADS_CAP}" if n == THREADS_CAP else "")
+
+
+def set_threads(args) -> tuple[int, str]:
+    """Apply ``--threads`` (auto: the command's policy); returns the count and why, e.g. ``(1, "--threads")``."""
+    import torch
+
+    n, why = auto_threads(args.threads_policy) if args.threads == "auto" else (int(args.threads), "--threads")
+    torch.set_num_threads(n)
+    return n, why
+
+
+def add_threads_argument(p, policy: str) -> None:
+    p.add_argument("--threads", type=threads_arg, default="auto", help=THREADS_HELP[policy])
+    p.set_defaults(threads_policy=policy)
 
 
 def _percent(fraction: float) -> str:
@@ -130,6 +236,7 @@ def add_train_arguments(p) -> None:
                    help="continue a saved run from its last finished epoch with its saved configuration "
                         "(only --device may change)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_threads_argument(p, "batch")
     t = p.add_argument_group("training (TrainConfig)")
     d = TrainConfig()
     for name, kw in TRAIN_FLAGS.items():
@@ -139,7 +246,7 @@ def add_train_arguments(p) -> None:
                    help="same as --bf16 off")
     m = p.add_argument_group("model (ModelConfig)")
     m.add_argument("--preset", default="small", help=f"model size, one of {', '.join(PRESETS)} (default: small)")
-    m.add_argument("--max-len", type=int, default=None,
+    m.add_argument("--max-len", type=int_at_least(1), default=None,
                    help="history events the model reads (ModelConfig.max_len; default: the preset's, capped by "
                         "the dataset's)")
     m.add_argument("--dropout", type=float, default=None, help="dropout of the model (default: the preset's)")
@@ -171,7 +278,7 @@ def model_config_from_args(args, data_config: DataConfig) -> ModelConfig:
             over[name] = getattr(args, name)
     if args.activation_checkpointing:
         over["activation_checkpointing"] = True
-    over["max_len"] = args.max_len or min(PRESETS[args.preset].max_len, data_config.max_len)
+    over["max_len"] = args.max_len if args.max_len is not None else min(PRESETS[args.preset].max_len, data_config.max_len)
     try:
         return get_preset(args.preset, **over)
     except ValueError as e:
@@ -195,11 +302,13 @@ def cli_train(args) -> int:
 
 
 def _cli_train(args, info, t_start: float) -> int:
-    from .checkpoint import data_of, format_results, load_run, read_config, results_of, write_config, write_results
+    from .checkpoint import (check_run_dir, data_of, format_results, load_run, read_config, results_of, verify_weights,
+                             write_config, write_results)
     from .distributed import barrier, broadcast_object, device_description, load_data, resolve_device
     from .registry import MODELS, build_model, count_params, model_config_for
     from .train import evaluate, seed_everything, train
 
+    # every check that needs no data comes first: bad input costs no data preparation
     if args.resume:
         given = sorted(f"--{f.name.replace('_', '-')}" for f in dataclasses.fields(TrainConfig)
                        if hasattr(args, f.name) and f.name != "device")
@@ -210,6 +319,13 @@ def _cli_train(args, info, t_start: float) -> int:
         cfg = TrainConfig.from_dict(conf["train_config"])
         if hasattr(args, "device"):
             cfg = cfg.replace(device=args.device)
+        resolve_device(cfg.device)
+        check_run_dir(run_dir, "--resume")
+        with warnings.catch_warnings():  # (load_run warns about a file without a digest, once)
+            warnings.simplefilter("ignore")
+            for name in ("last.safetensors", "model.safetensors"):
+                if name == "last.safetensors" or (run_dir / name).is_file():
+                    verify_weights(run_dir / name)
         data = load_data(*data_of(conf, run_dir))
         run = load_run(run_dir, data=data, weights="last.safetensors")
         model, model_name, preset = run.model, run.model_name, conf.get("preset")
@@ -217,18 +333,21 @@ def _cli_train(args, info, t_start: float) -> int:
     else:
         if args.model not in MODELS:
             raise TrainError(f"unknown model {args.model!r}; expected one of {list(MODELS)}")
+        if args.preset not in PRESETS:
+            raise TrainError(f"unknown preset {args.preset!r}; expected one of {list(PRESETS)}")
         cfg = train_config_from_args(args)
-        resolve_device(cfg.device)  # a clear error before the data is prepared
+        resolve_device(cfg.device)
+        # every rank must write to the same folder: rank 0's timestamp
+        run_dir = Path(broadcast_object(str(Path(args.out) if args.out else _default_out(args))))
+        if (run_dir / "config.json").exists():  # checked on every rank, before any rank writes
+            raise TrainError(f"run folder {run_dir} already holds a run; use --resume {run_dir} or another --out")
+        check_run_dir(run_dir, "--out")
         data = load_data(args.dataset, None, cfg.seed)  # the dataset's own DataConfig (config.DATA_PRESETS)
         model_cfg = model_config_from_args(args, data.config)
         seed_everything(cfg.seed)
         model_cfg = model_config_for(args.model, model_cfg, data.schema, data.vocab_sizes())
         model = build_model(args.model, model_cfg, data.schema, data.vocab_sizes())
         model_name, preset = args.model, args.preset
-        # every rank must write to the same folder: rank 0's timestamp
-        run_dir = Path(broadcast_object(str(Path(args.out) if args.out else _default_out(args))))
-        if (run_dir / "config.json").exists():  # checked on every rank, before any rank writes
-            raise TrainError(f"run folder {run_dir} already holds a run; use --resume {run_dir} or another --out")
         barrier()
         write_config(run_dir, model_name, model, data, args.dataset if not Path(args.dataset).exists()
                      else str(Path(args.dataset).resolve()), cfg.seed, cfg, preset=preset)
@@ -237,7 +356,7 @@ def _cli_train(args, info, t_start: float) -> int:
     if info.is_main:
         n = count_params(model)
         print(f"training {model_name} (preset {preset}) on {data.info.get('name')} with {device_description(device)}"
-              f"{f' x {info.world_size} processes' if info.enabled else ''}: "
+              f"{f' x {info.world_size} processes' if info.enabled else ''}, threads {args.threads_note}; "
               + ", ".join(f"{k} {v:,}" for k, v in n.items()) + f" parameters; run folder {run_dir}", file=sys.stderr)
     hist = train(model, data, cfg, run_dir=run_dir, progress=not args.no_progress, resume=resume, log=True)
     test = evaluate(model, data, "test", cfg.eval_batch_requests, cfg.bf16)
@@ -245,7 +364,8 @@ def _cli_train(args, info, t_start: float) -> int:
         return 0
     # wall time of THIS process (a resumed run reports the time since it resumed)
     res = results_of(model, data, test, model_name, device, time.perf_counter() - t_start, hist,
-                     preset=preset, run_dir=str(run_dir), world_size=info.world_size, split="test")
+                     preset=preset, run_dir=str(run_dir), world_size=info.world_size, split="test",
+                     threads=args.threads_note)
     write_results(run_dir, res)
     print(format_results(res))
     return 0
@@ -253,9 +373,12 @@ def _cli_train(args, info, t_start: float) -> int:
 
 def add_evaluate_arguments(p) -> None:
     p.add_argument("run_dir", help="a run folder written by 'onetrans-mini train'")
-    p.add_argument("--split", default="test", choices=("train", "val", "test"))
+    p.add_argument("--split", default="test", choices=SPLITS,
+                   help="the split to score (default: test; the floors are shown for test only, where they are "
+                        "fitted on train + val)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
+    add_threads_argument(p, "batch")
 
 
 def cli_evaluate(args) -> int:
@@ -264,14 +387,15 @@ def cli_evaluate(args) -> int:
     from .train import evaluate
 
     t0 = time.perf_counter()
-    run = load_run(args.run_dir)
     device = resolve_device(args.device)
+    run = load_run(args.run_dir)
     run.model.to(device)
     cfg = run.train_config
     test = evaluate(run.model, run.data, args.split, cfg.eval_batch_requests, cfg.bf16)
     saved = run.results() or {}
     res = results_of(run.model, run.data, test, run.model_name, device, time.perf_counter() - t0,
-                     preset=run.config.get("preset"), run_dir=str(run.path), split=args.split)
+                     preset=run.config.get("preset"), run_dir=str(run.path), split=args.split,
+                     threads=args.threads_note)
     for k in ("best_epoch", "epochs_run"):
         if k in saved:
             res[k] = saved[k]
@@ -283,11 +407,77 @@ def cli_evaluate(args) -> int:
 
 
 # ----------------------------------------------------------------------------------------------
+# replay
+
+
+def add_replay_arguments(p) -> None:
+    from .serving import MODES
+
+    p.add_argument("--dataset", default="movielens-100k", help="dataset name or path (ignored with --run)")
+    p.add_argument("--preset", default="small", help="model preset of the untrained model (ignored with --run)")
+    p.add_argument("--run", default=None, help="a run folder written by 'onetrans-mini train' (its model and data)")
+    p.add_argument("--modes", default="none,request,both", help=f"comma-separated, from {','.join(MODES)}")
+    p.add_argument("--max-requests", type=int_at_least(1), default=None, help="replay only the first N requests")
+    p.add_argument("--split", default="test", choices=SPLITS,
+                   help="the split whose requests are replayed, in time order (default: test)")
+    p.add_argument("--drop-block", type=int_at_least(1), default=None, help="events dropped at once from a full "
+                   "window (default max_len // 4; 1 = sliding window; at most max_len)")
+    p.add_argument("--cache-mb", type=float, default=64.0, help="user cache bound in MiB (default 64)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the untrained model (and the synthetic data)")
+    add_threads_argument(p, "serving")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+
+
+def cli_replay(args) -> int:
+    import torch
+
+    from .model import OneTrans
+    from .serving import MODES, format_replay, replay
+
+    modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())
+    bad = [m for m in modes if m not in MODES]
+    if bad or not modes:
+        raise TrainError(f"--modes: expected a comma-separated subset of {','.join(MODES)}, got {args.modes!r}")
+    if not args.cache_mb >= 0:
+        raise TrainError(f"--cache-mb: expected a number >= 0, got {args.cache_mb}")
+    if args.run:
+        from .checkpoint import load_run, read_config
+
+        conf = read_config(args.run)  # what the run holds, checked before its data is prepared
+        mc = conf["model_config"] or {}
+        if conf["model"] != "onetrans":
+            raise TrainError(f"--run {args.run}: the replay needs a OneTrans model, the run holds {conf['model']!r}")
+        if not mc.get("causal", True):
+            raise TrainError(f"--run {args.run}: the model uses full attention (causal=False), which rules out KV caching")
+        if args.drop_block is not None and args.drop_block > mc.get("max_len", args.drop_block):
+            raise TrainError(f"--drop-block: must be at most the model's max_len={mc['max_len']}, got {args.drop_block}")
+        run = load_run(args.run)
+        model, data = run.model, run.data
+    else:
+        from .data import load_dataset
+
+        if args.preset not in PRESETS:
+            raise TrainError(f"unknown preset {args.preset!r}; expected one of {list(PRESETS)}")
+        data = load_dataset(args.dataset, seed=args.seed)
+        torch.manual_seed(args.seed)
+        model = OneTrans(get_preset(args.preset, max_len=data.config.max_len), data.schema, data.vocab_sizes())
+    if args.drop_block is not None and args.drop_block > model.config.max_len:
+        raise TrainError(f"--drop-block: must be at most the model's max_len={model.config.max_len}, got {args.drop_block}")
+    if not len(data.request_ids(args.split)):
+        raise TrainError(f"--split {args.split}: {data.info.get('name')} has no requests in it")
+    model.eval()
+    res = replay(model, data, modes, args.split, args.max_requests, args.drop_block, int(args.cache_mb * 2**20))
+    res["_meta"]["threads_how"] = args.threads_why
+    print(json.dumps(res, indent=2) if args.json else format_replay(res))
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
 # the parser
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="onetrans-mini", description="OneTrans, small enough to read, complete enough to run.")
+    p = Parser(prog="onetrans-mini", description="OneTrans, small enough to read, complete enough to run.")
     sub = p.add_subparsers(dest="command", required=True)
     d = sub.add_parser("data", help="prepare a dataset and print its summary")
     d.add_argument("name", help=f"one of {', '.join(DATASETS)}, or a path to your interactions (CSV file or folder)")
@@ -299,11 +489,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "(torchrun --nproc_per_node=N -m onetrans_mini train ... for data parallel)")
     add_train_arguments(t)
     t.set_defaults(func=cli_train)
-    e = sub.add_parser("evaluate", help="re-score a saved run on its test split")
+    e = sub.add_parser("evaluate", help="re-score a saved run on its test split (or --split)")
     add_evaluate_arguments(e)
     e.set_defaults(func=cli_evaluate)
-    from .serving import add_replay_arguments, cli_replay
-
     rp = sub.add_parser("replay", help="replay a dataset's test period as a time-ordered request stream and compare "
                         "scoring without cache, with the request cache and with the user cache (latency, hit rate, exactness)")
     add_replay_arguments(rp)
@@ -318,12 +506,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    import torch
+
     try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help (0), or a bad flag (2: one line already printed)
+        return e.code if isinstance(e.code, int) else 2
+    threads = torch.get_num_threads()  # put back afterwards, for callers in the same process (tests, notebooks)
+    try:
+        if getattr(args, "threads_policy", None):
+            n, args.threads_why = set_threads(args)
+            args.threads_note = f"{n} ({args.threads_why})"  # for the first output line
         return args.func(args)
     except (DataError, TrainError) as e:  # bad input: one clear line, no traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
+    finally:
+        torch.set_num_threads(threads)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,8 @@ first request of a user brings its whole history so far. A ``Server`` appends th
 - ``approx``: ``both`` with append-only reuse everywhere (not exact; its drift is reported).
 
 ``replay`` times every request (latency p50/p99, requests/s), reads the user cache's stats, and
-compares every mode's scores with ``none``. ``onetrans-mini replay`` is the command line.
+compares every mode's scores with ``none``. ``onetrans-mini replay`` is the command line (``cli.py``,
+which also chooses the threads: nothing here changes process-wide settings).
 """
 
 from __future__ import annotations
@@ -362,8 +363,10 @@ def replay(model, data, modes=("none", "request", "both"), split: str = "test", 
 
 def format_replay(res: dict) -> str:
     meta = res["_meta"]
-    lines = [f"replay of {meta['requests']} requests, window max_len={meta['max_len']} (drop_block={meta['drop_block']}), "
-             f"user cache bound {meta['cache_bytes'] / 2**20:.0f} MiB, {meta['threads']} threads",
+    n = meta["threads"]
+    threads = f"{n} thread{'s' if n != 1 else ''}" + (f" ({meta['threads_how']})" if meta.get("threads_how") else "")
+    lines = [f"replay of {meta['requests']} requests with {threads}, window max_len={meta['max_len']} "
+             f"(drop_block={meta['drop_block']}), user cache bound {meta['cache_bytes'] / 2**20:.0f} MiB",
              f"{'mode':<8} {'p50 ms':>8} {'p99 ms':>8} {'req/s':>8} {'hit rate':>9} {'MiB held':>9} {'evictions':>9} "
              f"{'trunc.':>7} {'max |diff|':>11}"]
     for mode, s in res.items():
@@ -379,58 +382,3 @@ def format_replay(res: dict) -> str:
     lines.append(f"(max |diff|: largest score difference against mode '{res[next(k for k in res if k != '_meta')]['diff_vs']}'; "
                  "trunc.: cache hits whose window front moved)")
     return "\n".join(lines)
-
-
-def add_replay_arguments(p) -> None:
-    p.add_argument("--dataset", default="movielens-100k", help="dataset name or path (ignored with --run)")
-    p.add_argument("--preset", default="small", help="model preset of the untrained model (ignored with --run)")
-    p.add_argument("--run", default=None, help="a run folder written by 'onetrans-mini train' (its model and data)")
-    p.add_argument("--modes", default="none,request,both", help=f"comma-separated, from {','.join(MODES)}")
-    p.add_argument("--max-requests", type=int, default=None, help="replay only the first N requests")
-    p.add_argument("--split", default="test")
-    p.add_argument("--drop-block", type=int, default=None, help="events dropped at once from a full window "
-                   "(default max_len // 4; 1 = sliding window)")
-    p.add_argument("--cache-mb", type=float, default=64.0, help="user cache bound in MiB")
-    p.add_argument("--seed", type=int, default=0, help="seed of the untrained model (and the synthetic data)")
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
-    p.add_argument("--json", action="store_true", help="print the summary as JSON")
-
-
-def _fail(msg: str) -> int:
-    import sys
-
-    print(f"error: {msg}", file=sys.stderr)
-    return 2
-
-
-def cli_replay(args) -> int:
-    import json
-
-    from .config import get_preset
-    from .model import OneTrans
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())
-    bad = [m for m in modes if m not in MODES]
-    if bad or not modes:
-        return _fail(f"--modes: expected a comma-separated subset of {','.join(MODES)}, got {args.modes!r}")
-    if args.run:
-        from .checkpoint import load_run
-
-        run = load_run(args.run)
-        model, data = run.model, run.data
-        if not isinstance(model, OneTrans):
-            return _fail(f"--run {args.run}: the replay needs a OneTrans model, the run holds {type(model).__name__}")
-        if not model.config.causal:
-            return _fail(f"--run {args.run}: the model uses full attention (causal=False), which rules out KV caching")
-    else:
-        from .data import load_dataset
-
-        data = load_dataset(args.dataset, seed=args.seed)
-        torch.manual_seed(args.seed)
-        model = OneTrans(get_preset(args.preset, max_len=data.config.max_len), data.schema, data.vocab_sizes())
-    model.eval()
-    res = replay(model, data, modes, args.split, args.max_requests, args.drop_block, int(args.cache_mb * 2**20))
-    print(json.dumps(res, indent=2) if args.json else format_replay(res))
-    return 0

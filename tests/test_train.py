@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -197,7 +198,8 @@ def test_cli_resume_finishes_an_interrupted_run(tiny_data, straight_run, tmp_pat
     model = fresh_model(tiny_data)
     write_config(tmp_path, "onetrans", model, tiny_data, "synthetic-tiny", 0, CFG)
     train(model, tiny_data, CFG, run_dir=tmp_path, progress=False, stop_after=1)
-    assert main(["train", "--resume", str(tmp_path), "--no-progress"]) == 0
+    # the threads of the straight run: float sums in another order would differ in the last bits
+    assert main(["train", "--resume", str(tmp_path), "--no-progress", "--threads", str(torch.get_num_threads())]) == 0
     assert "user+item mean" in capsys.readouterr().out
     assert_same_state(load_file(straight_run[0] / "last.safetensors"), load_file(tmp_path / "last.safetensors"))
     assert json.loads((tmp_path / "results.json").read_text())["epochs_run"] == 2
@@ -228,18 +230,23 @@ def _one_error_line(capsys) -> str:
 
 def test_cli_train_then_evaluate(tmp_path, capsys):
     out = tmp_path / "run"
+    threads = torch.get_num_threads()
     rc = main(["train", "--dataset", "synthetic-tiny", "--preset", "nano", "--epochs", "1", "--steps-per-epoch", "3",
-               "--out", str(out), "--no-progress", "--device", "cpu"])
+               "--out", str(out), "--no-progress", "--device", "cpu", "--threads", "2"])
     assert rc == 0
-    printed = capsys.readouterr().out
+    printed, err = capsys.readouterr()
+    assert ", threads 2 (--threads); " in err.splitlines()[0]  # the first line says which threads were used
+    assert torch.get_num_threads() == threads  # and the command put the caller's back
     for name in ("config.json", "metrics.jsonl", "model.safetensors", "results.json", "results.md"):
         assert (out / name).is_file(), name
     res = json.loads((out / "results.json").read_text())
     assert set(res["test"]) == {"click", "purchase"} and res["params"]["dense"] > 0
     assert "user_item_mean" in res["floors"]["click"] and "oracle" in res["floors"]["click"]
     assert f"{res['test']['click']['auc']:.4f}" in printed and "user+item mean" in printed
+    assert res["threads"] == "2 (--threads)"
     assert main(["evaluate", str(out)]) == 0
     again = capsys.readouterr().out
+    assert "; threads " in again.splitlines()[0] and "(auto: " in again.splitlines()[0]
     assert f"{res['test']['click']['auc']:.4f}" in again and f"{res['test']['purchase']['uauc']:.4f}" in again
     # a second train into the same folder is refused
     assert main(["train", "--dataset", "synthetic-tiny", "--preset", "nano", "--out", str(out)]) == 2
@@ -348,6 +355,56 @@ def test_cli_evaluate_bad_run_folders(tmp_path, capsys, straight_run):
     assert "corrupt run config" in _one_error_line(capsys)
     assert main(["train", "--resume", str(tmp_path / "missing")]) == 2
     assert "does not exist" in _one_error_line(capsys)
+
+
+# ---------------------------------------------------------------------------------------------
+# threads: chosen by the CLI only, said in the first output line
+
+
+@pytest.mark.parametrize("cpus, load, procs, want", [
+    (16, 0.2, 1, 4),   # an idle many-core machine: capped
+    (16, 30.0, 1, 1),  # a busy shared machine: one thread, not 16 that wait on each other
+    (16, 13.5, 1, 2),  # 2.5 CPUs idle
+    (2, 0.0, 1, 2),
+    (16, 0.0, 8, 2),   # torchrun with 8 local processes: 2 CPUs each
+    (1, 0.0, 4, 1),
+])
+def test_auto_threads_for_train_and_evaluate(cpus, load, procs, want, monkeypatch):
+    from onetrans_mini.cli import auto_threads
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    n, why = auto_threads("batch", cpus=cpus, load=load, local_procs=procs)
+    assert n == want and why.startswith(f"auto: {cpus} CPU") and f"load {load:.1f}" in why
+
+
+def test_auto_threads_serving_is_one_and_omp_num_threads_wins(monkeypatch):
+    from onetrans_mini.cli import auto_threads
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert auto_threads("serving") == (1, "auto: one request at a time")
+    assert auto_threads("batch", cpus=16, load=0.0) == (3, "auto: OMP_NUM_THREADS=3")
+
+
+def test_replay_names_its_threads_in_the_first_line(capsys):
+    before = torch.get_num_threads()
+    argv = ["replay", "--dataset", "synthetic-tiny", "--preset", "nano", "--max-requests", "3", "--modes", "none"]
+    assert main(argv) == 0
+    assert capsys.readouterr().out.splitlines()[0].startswith("replay of 3 requests with 1 thread (auto: one request at a time)")
+    assert main([*argv, "--threads", "2", "--json"]) == 0
+    meta = json.loads(capsys.readouterr().out)["_meta"]
+    assert meta["threads"] == 2 and meta["threads_how"] == "--threads"
+    assert torch.get_num_threads() == before
+
+
+def test_only_the_command_line_sets_threads():
+    """Thread counts are the application's: no library module calls torch.set_num_threads (bench.py's
+    ``cli_bench`` is the bench command's entry point)."""
+    import onetrans_mini
+
+    root = Path(onetrans_mini.__file__).parent
+    setters = sorted(str(f.relative_to(root)) for f in root.rglob("*.py") if "set_num_threads(" in f.read_text())
+    assert set(setters) <= {"cli.py", "bench.py"}, setters
+    assert "set_num_threads(" not in (root / "serving.py").read_text()
 
 
 # ---------------------------------------------------------------------------------------------
