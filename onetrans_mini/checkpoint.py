@@ -317,13 +317,13 @@ def load_run(run_dir, data: RequestData | None = None, weights: str = "model.saf
     return Run(run_dir, model, data, conf["model"], cfg, conf)
 
 
-def check_run_dir(run_dir, flag: str = "--out") -> None:
-    """A clear TrainError unless a run folder can be written at ``run_dir`` (checked before any work):
-    every existing part of the path must be a folder, and the deepest existing one must let us create
-    a folder in it (tried: permission bits say nothing for root, read-only mounts or /proc). Leaves
-    nothing behind."""
+def check_run_dir(run_dir, flag: str = "--out", what: str = "a run folder") -> None:
+    """A clear TrainError unless ``what`` can be written at the folder ``run_dir`` (checked before any
+    work): every existing part of the path must be a folder, and the deepest existing one must let us
+    create a folder in it (tried: permission bits say nothing for root, read-only mounts or /proc).
+    Leaves nothing behind. (``bench --out`` can use it too: ``what="results"``.)"""
     run_dir = Path(run_dir)
-    where = f"{flag} {run_dir}: cannot write a run folder there"
+    where = f"{flag} {run_dir}: cannot write {what} there"
     parent = run_dir
     while not parent.exists() and parent != parent.parent:  # the deepest part of the path that exists
         parent = parent.parent
