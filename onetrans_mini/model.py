@@ -295,9 +295,16 @@ class OneTrans(nn.Module):
             x_ns = self._call(block.forward_ns, x_ns, layer, packing)  # (B, L_NS, d)
         return self.norm_f(x_ns)
 
-    def score(self, cache: RequestCache, ns: dict, request_index: torch.Tensor) -> torch.Tensor:
+    def score(self, cache: RequestCache, ns: dict, request_index: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (B, n_tasks) of candidates (``ns``: NS feature ids, as in ``Batch.ns``) of cached requests:
-        serving's Stage II. No candidates: an empty (0, n_tasks) tensor."""
+        serving's Stage II. ``request_index[b]`` is candidate b's request in ``cache``; it may be left out
+        when the cache holds one request. No candidates: an empty (0, n_tasks) tensor."""
+        if request_index is None:
+            if cache.n_requests != 1:
+                raise ValueError(f"the cache holds {cache.n_requests} requests: pass request_index (B,) "
+                                 "to say which request each candidate belongs to")
+            n = len(next(iter(ns.values()))) if ns else 0
+            request_index = torch.zeros(n, dtype=torch.long, device=cache.layers[0].k.device)
         if request_index.numel() == 0:
             return torch.zeros(0, self.n_tasks, device=request_index.device)
         if int(request_index.max()) >= cache.n_requests or int(request_index.min()) < 0:

@@ -301,7 +301,7 @@ class Server:
             return torch.zeros(0, model.n_tasks)
         if self.store is not None:
             rc = self.store.request_cache(req.user, window)
-            return model.score(rc, req.ns, torch.zeros(req.n_candidates, dtype=torch.long))  # one cached request
+            return model.score(rc, req.ns)  # one cached request: no request_index needed
         batch = window_batch(window, req.ns, model.n_tasks)
         if self.mode == "none":
             return model.forward_full(batch)[0]  # every candidate with its own copy of the history

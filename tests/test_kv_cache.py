@@ -149,6 +149,21 @@ def test_request_caches_stack_with_padding():
         assert max_diff(out, per_candidate(model, batch)) <= TOL
 
 
+def test_score_one_request_needs_no_index():
+    """One cached request: score(cache, ns) scores every candidate against it; several: the index is required."""
+    model = make_model()
+    batch = make_batch(2, (3, 2), lengths=[9, 4], seed=5)
+    with torch.no_grad():
+        x_s, s_real, _ = model.tokenizer(batch)
+        first = {k: v[:3] for k, v in batch.ns.items()}  # request 0's candidates
+        one = model.stage_one(x_s[:1], s_real[:1])
+        short = model.score(one, first)
+        assert torch.equal(short, model.score(one, first, torch.zeros(3, dtype=torch.long)))
+        assert max_diff(short, per_candidate(model, batch)[:3]) <= TOL
+        with pytest.raises(ValueError, match="holds 2 requests: pass request_index"):
+            model.score(model.stage_one(x_s, s_real), first)
+
+
 # ----------------------------------------------------------------------------------------------
 # cross-request user cache
 
