@@ -39,7 +39,8 @@ from pathlib import Path
 import torch
 
 from .attention import explicit_attention
-from .config import get_preset
+from .checkpoint import check_run_dir
+from .config import TrainError, get_preset
 from .data.batching import Batch
 from .features import Bucketized, Categorical, MultiCategorical, Schema, SequenceSpec, Task
 from .model import OneTrans
@@ -530,7 +531,8 @@ def add_bench_arguments(p) -> None:
         kind = "comma-separated ints" if f.type.startswith("tuple") else f.type
         p.add_argument("--" + f.name.replace("_", "-"), default=None, help=f"{kind} (overrides the suite's)")
     p.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)}")
-    p.add_argument("--out", default=None, help="write NAME.json and NAME.md into this folder")
+    p.add_argument("--out", default=None, metavar="DIR", help="also write DIR/NAME.json and DIR/NAME.md (checked "
+                   "before the suite runs); without it the tables are only printed")
     p.add_argument("--name", default=None, help="file name stem (default: the suite's name)")
     p.add_argument("--readme-table", nargs="?", const=str(RESULTS / "cpu.json"), default=None, metavar="RESULTS_JSON",
                    help="print the README's systems table from a results file (default: the committed cpu.json)")
@@ -542,8 +544,12 @@ def suite_from_args(args) -> tuple[str, SuiteConfig]:
     for f in dataclasses.fields(SuiteConfig):
         v = getattr(args, f.name)
         if v is not None:
-            over[f.name] = (tuple(int(x) for x in v.split(",")) if f.type.startswith("tuple") else
-                            type(getattr(SUITES[name], f.name))(v))
+            flag, kind = "--" + f.name.replace("_", "-"), type(getattr(SUITES[name], f.name))
+            try:
+                over[f.name] = tuple(int(x) for x in v.split(",")) if f.type.startswith("tuple") else kind(v)
+            except ValueError:
+                want = "comma-separated integers" if f.type.startswith("tuple") else {int: "an integer", float: "a number"}.get(kind, "a string")
+                raise ValueError(f"{flag} must be {want}, got {v!r}") from None
     return name, SUITES[name].replace(**over)
 
 
@@ -561,7 +567,13 @@ def cli_bench(args) -> int:
     if error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    name, suite = suite_from_args(args)
+    try:
+        name, suite = suite_from_args(args)
+        if args.out:
+            check_run_dir(args.out, "--out", what="results")
+    except (ValueError, TrainError) as e:  # a size that is not a number, an unwritable --out: one line, no work
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     threads = torch.get_num_threads()
 
     def before_section(sec):  # the suite's threads; one for the append (see the module docstring)

@@ -142,6 +142,14 @@ CLI_ROWS = [
     ("train-out-holds-a-run", ["train", *TINY_RUN, "--out", "R"], None, 2,
      r"run folder \S+ already holds a run; use --resume", True),
     ("train-resume-missing", ["train", "--resume", "T/missing"], None, 2, r"run folder \S+/missing does not exist", True),
+    ("bench-out-under-a-file", ["bench", "--suite", "nano", "--out", "T/afile/results"], None, 2,
+     r"--out \S+/afile/results: cannot write results there: \S+/afile is a file, not a folder", True),
+    ("bench-out-under-proc", ["bench", "--suite", "nano", "--out", "/proc/onetrans-mini-test"], None, 2,
+     r"--out /proc/onetrans-mini-test: cannot write results there \(No such file or directory: '/proc/", True),
+    ("bench-size-not-a-number", ["bench", "--suite", "nano", "--seq-len", "long"], None, 2,
+     r"--seq-len must be an integer, got 'long'", True),
+    ("bench-sizes-not-integers", ["bench", "--suite", "nano", "--append-new", "1,two"], None, 2,
+     r"--append-new must be comma-separated integers, got '1,two'", True),
     # damaged run folders
     ("evaluate-missing-run", ["evaluate", "T/missing"], None, 2, r"run folder \S+/missing does not exist", True),
     ("evaluate-corrupt-config", ["evaluate", "R"], _corrupt_config, 2, r"config\.json: corrupt run config", True),
@@ -187,6 +195,7 @@ def test_cli_bad_input_gives_one_clear_line_and_writes_nothing(row, trained, tmp
         monkeypatch.setattr("onetrans_mini.distributed.load_data", no_data)
         monkeypatch.setattr("onetrans_mini.checkpoint.load_dataset", no_data)
         monkeypatch.setattr("onetrans_mini.data.load_dataset", no_data)
+        monkeypatch.setattr("onetrans_mini.bench.run_suite", no_data)  # bench: refused before the suite runs
     before = _digest(run)
     rc = cli.main(argv)
     err = capsys.readouterr().err
