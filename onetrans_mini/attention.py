@@ -91,7 +91,6 @@ def attend(q, k, v, mask, dropout_p: float = 0.0, explicit: bool = False):
     return p @ v, probs  # (N, H, Q, hd)
 
 
-
 # ----------------------------------------------------------------------------------------------
 # Stage II: a request's candidates packed against its S keys
 

@@ -184,7 +184,6 @@ def task_loss(logits: torch.Tensor, targets: torch.Tensor | None) -> torch.Tenso
     return F.binary_cross_entropy_with_logits(logits, targets.to(logits.dtype))
 
 
-
 class OneTrans(nn.Module):
     """Tokenizer -> OneTrans blocks (pyramid) -> one tower per task over the final NS-token states.
 
