@@ -140,6 +140,8 @@ def attend_packed(q, k_n, v_n, k_s, v_s, s_real, n_ns: int, dropout_p: float = 0
     """
     r, h, cl, hd = q.shape
     c, ls = cl // n_ns, k_s.shape[2]
+    # a cache built under autocast (bf16) may be scored outside it, or the reverse: use the queries' dtype
+    k_s, v_s = k_s.to(q.dtype), v_s.to(q.dtype)
     scale = hd**-0.5
     # (R, H, C*L_NS, Ls): every candidate against its request's keys, scaled and masked in one pass (the
     # padding keys' -inf enters as an additive bias: scale * q k^T + bias)

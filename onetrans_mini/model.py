@@ -26,7 +26,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .attention import MixedAttention, Packing
 from .config import ModelConfig
-from .data.batching import check_batch
+from .data.batching import check_batch, check_ns, require_integer
 from .features import Schema
 from .kv_cache import LayerKV, RequestCache
 from .layers import MixedFFN, RMSNorm, residual_scale
@@ -114,11 +114,6 @@ class OneTransBlock(nn.Module):
                             has_s=has_s_queries, resid_scale=rs)
         self.drop = nn.Dropout(config.dropout)
 
-    def kv_s(self, x_s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """This layer's keys/values of the S-tokens ``x_s`` (N, Ls, d): 2 x (N, H, Ls, hd). Row j depends
-        on token j only: the cacheable part of a layer."""
-        return self.attn.kv_s(self.norm1(x_s))
-
     def forward(self, x_s: torch.Tensor, x_ns: torch.Tensor, s_real: torch.Tensor, n_q: int):
         """x_s (N, Ls, d), x_ns (N, L_NS, d), s_real (N, Ls) -> (x_s' (N, n_q, d) or None, x_ns' (N, L_NS, d))."""
         h_s = self.norm1(x_s)  # (N, Ls, d): every S-token is a key
@@ -182,6 +177,15 @@ def task_loss(logits: torch.Tensor, targets: torch.Tensor | None) -> torch.Tenso
     if targets.shape != logits.shape:
         raise ValueError(f"targets must have shape (B, n_tasks)={tuple(logits.shape)}, got {tuple(targets.shape)}")
     return F.binary_cross_entropy_with_logits(logits, targets.to(logits.dtype))
+
+
+def maybe_checkpoint(fn, *args, enabled: bool):
+    """``fn(*args)``; when ``enabled`` (a model training with ``activation_checkpointing``) and autograd is
+    on, only the inputs are kept for backward and everything inside ``fn`` is computed again there (memory
+    for compute; the RNG state is replayed, so dropout masks and gradients are the same)."""
+    if enabled and torch.is_grad_enabled():
+        return checkpoint(fn, *args, use_reentrant=False)
+    return fn(*args)
 
 
 class OneTrans(nn.Module):
@@ -297,17 +301,27 @@ class OneTrans(nn.Module):
     def score(self, cache: RequestCache, ns: dict, request_index: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (B, n_tasks) of candidates (``ns``: NS feature ids, as in ``Batch.ns``) of cached requests:
         serving's Stage II. ``request_index[b]`` is candidate b's request in ``cache``; it may be left out
-        when the cache holds one request. No candidates: an empty (0, n_tasks) tensor."""
+        when the cache holds one request. No candidates: an empty (0, n_tasks) tensor. Checked like a batch
+        (features present, integer ids, ranges on the CPU); inputs move to the model's device."""
+        emb = self.tokenizer.embeddings
+        device = self.norm_f.weight.device
         if request_index is None:
             if cache.n_requests != 1:
                 raise ValueError(f"the cache holds {cache.n_requests} requests: pass request_index (B,) "
                                  "to say which request each candidate belongs to")
-            n = len(next(iter(ns.values()))) if ns else 0
-            request_index = torch.zeros(n, dtype=torch.long, device=cache.layers[0].k.device)
+            first = self.schema.ns_features[0].name
+            n = len(ns[first]) if first in ns else 0
+            request_index = torch.zeros(n, dtype=torch.long, device=device)
+        if not isinstance(request_index, torch.Tensor) or request_index.dim() != 1:
+            raise ValueError(f"request_index must be a 1-D tensor (B,), got {getattr(request_index, 'shape', request_index)!r}")
+        require_integer("request_index", request_index)
+        check_ns(ns, self.schema, emb.size, len(request_index), check_ids=device.type == "cpu", where="ns")
         if request_index.numel() == 0:
-            return torch.zeros(0, self.n_tasks, device=request_index.device)
+            return torch.zeros(0, self.n_tasks, device=device)
         if int(request_index.max()) >= cache.n_requests or int(request_index.min()) < 0:
             raise ValueError(f"request_index must be in [0, {cache.n_requests}) (the cached requests)")
+        request_index = request_index.to(device, torch.long)
+        ns = {k: v.to(device) for k, v in ns.items()}
         x_ns = self.tokenizer.ns(self.tokenizer.embeddings, ns)  # (B, L_NS, d)
         return self.head(self.stage_two(cache, x_ns, request_index))
 
@@ -337,11 +351,8 @@ class OneTrans(nn.Module):
         return self.norm_f(x_ns), states
 
     def _call(self, fn, *args):
-        """``fn(*args)``, with activation checkpointing when training with it on: only the block's inputs
-        are kept for backward, everything inside is computed again there (memory for compute)."""
-        if self.config.activation_checkpointing and self.training and torch.is_grad_enabled():
-            return checkpoint(fn, *args, use_reentrant=False)
-        return fn(*args)
+        """A block step ``fn(*args)``, checkpointed when training with ``activation_checkpointing``."""
+        return maybe_checkpoint(fn, *args, enabled=self.config.activation_checkpointing and self.training)
 
     def head(self, h_ns: torch.Tensor) -> torch.Tensor:
         """Task towers: (B, L_NS, d) -> logits (B, n_tasks)."""

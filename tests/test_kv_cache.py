@@ -558,3 +558,51 @@ def test_activation_checkpointing_recomputes_in_backward():
         loss.backward()
         assert calls["forward"] == 2  # Stage I and Stage II
         assert calls["backward"] == 2 * expected
+
+
+def test_a_cache_built_under_autocast_scores_outside_it_and_the_reverse():
+    """Stage I in bf16 (autocast), Stage II in fp32, or the reverse: same logits within bf16's error."""
+    model = make_model(tiny_config(n_layers=3)).eval()
+    batch = make_batch(1, (3,), lengths=[12], seed=3)
+    with torch.no_grad():
+        ref = per_candidate(model, batch)
+        x_s, s_real, _ = model.tokenizer(batch)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            bf16_cache = model.stage_one(x_s, s_real)
+        assert bf16_cache.layers[0].k.dtype == torch.bfloat16
+        assert max_diff(model.score(bf16_cache, batch.ns), ref) <= BF16_TOL
+        fp32_cache = model.stage_one(x_s, s_real)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert max_diff(model.score(fp32_cache, batch.ns).float(), ref) <= BF16_TOL
+
+
+def _bad_score_inputs(batch):
+    ns, ri = batch.ns, batch.request_index
+    without = {k: v for k, v in ns.items() if k != "item_id"}
+    too_big = {**ns, "item_id": ns["item_id"] + 1000}
+    as_float = {**ns, "item_id": ns["item_id"].float()}
+    return [
+        ((without, ri), r"ns lacks NS feature 'item_id'"),
+        ((as_float, ri), r"ns\['item_id'\] must hold integer ids, got dtype torch.float32"),
+        ((too_big, ri), r"ns: feature 'item_id': ids must be in \[0, 23\) \(its vocabulary size\)"),
+        ((ns, ri[:-1]), r"ns\['user_id'\] must have shape \(4,\), got \(5,\)"),
+        ((ns, ri.float()), r"request_index must hold integer ids, got dtype torch.float32"),
+        ((ns, ri[None]), r"request_index must be a 1-D tensor"),
+        ((ns, ri + 5), r"request_index must be in \[0, 2\) \(the cached requests\)"),
+    ]
+
+
+@pytest.mark.parametrize("i", range(7))
+def test_score_refuses_bad_candidates_in_one_clear_line(i):
+    model = make_model()
+    batch = make_batch(2, (3, 2), lengths=[9, 4], seed=5)
+    (ns, ri), pattern = _bad_score_inputs(batch)[i]
+    with torch.no_grad():
+        x_s, s_real, _ = model.tokenizer(batch)
+        cache = model.stage_one(x_s, s_real)
+        with pytest.raises(ValueError, match=pattern):
+            model.score(cache, ns, ri)
+        # int32 ids and index are fine (as in a batch): same logits as int64
+        small = {k: v.int() for k, v in batch.ns.items()}
+        assert torch.equal(model.score(cache, small, batch.request_index.int()),
+                           model.score(cache, batch.ns, batch.request_index))
