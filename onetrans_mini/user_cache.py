@@ -35,7 +35,7 @@ weights (an optimizer step, ``load_state_dict``), call ``UserCacheStore.clear()`
 ``load_state_dict`` does both.
 
 The slow twin is ``fresh_stage_one`` (Stage I of the whole window from scratch), and behind it the
-model's full forward; ``tests/test_user_cache.py`` compares both after appends, truncations and approx.
+model's full forward; ``tests/test_kv_cache.py`` compares both after appends, truncations and approx.
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from .data.batching import check_id_range, require_integer
 from .kv_cache import LayerKV, RequestCache
 
 # ----------------------------------------------------------------------------------------------
@@ -61,18 +62,14 @@ def check_events(model, events) -> None:
     if missing:
         raise ValueError(f"events lack event field(s) {missing}; expected {list(seq.fields)}")
     for name, ids in (("seq_type", events.seq_type), *((f, events.fields[f]) for f in seq.fields)):
-        if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
-            raise ValueError(f"events: {name} must hold integer ids, got dtype {ids.dtype}")
+        require_integer(f"events: {name}", ids)
     if not len(events):
         return
     lo, hi = (int(t) for t in torch.aminmax(events.seq_type))
     if lo < 1 or hi > seq.n_sequences:
         raise ValueError(f"events: seq_type must be in 1..{seq.n_sequences} (the schema's sequences), got range [{lo}, {hi}]")
     for name in seq.fields:
-        n = emb.size(name)
-        lo, hi = (int(t) for t in torch.aminmax(events.fields[name]))
-        if lo < 0 or hi >= n:
-            raise ValueError(f"events: field {name!r}: ids must be in [0, {n}) (its vocabulary size), got range [{lo}, {hi}]")
+        check_id_range(f"events: field {name!r}", events.fields[name], emb.size(name))
 
 
 def tokenize_events(model, events) -> tuple[torch.Tensor, torch.Tensor]:

@@ -325,7 +325,7 @@ def test_empty_history_gives_finite_outputs():
 
 
 # ----------------------------------------------------------------------------------------------
-# two-stage structure (what cache.py builds on)
+# two-stage structure (what model.score and user_cache.py build on)
 
 
 def test_blocks_split_into_stage_one_and_stage_two():
@@ -516,3 +516,19 @@ def test_dropout_only_in_training():
     assert not torch.allclose(a, model(batch)[0])  # dropout is active in training
     model.eval()
     torch.testing.assert_close(model(batch)[0], model(batch)[0], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("where", ["seq", "seq_type", "request_index", "ns"])
+def test_float_ids_in_a_batch_are_refused_by_name(where):
+    """A float tensor where ids belong fails in the shape checks, not deep inside an embedding lookup."""
+    b = make_batch()
+    if where == "seq":
+        b.seq["hist_item"], name = b.seq["hist_item"].float(), r"batch\.seq\['hist_item'\]"
+    elif where == "ns":
+        b.ns["item_id"], name = b.ns["item_id"].float(), r"batch\.ns\['item_id'\]"
+    else:
+        setattr(b, where, getattr(b, where).float())
+        name = rf"batch\.{where}"
+    for fwd in (make_model(), make_model().forward_full):
+        with pytest.raises(ValueError, match=name + r" must hold integer ids, got dtype torch\.float32"):
+            fwd(b)

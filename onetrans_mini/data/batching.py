@@ -129,9 +129,12 @@ def check_batch(batch: Batch, schema, vocab_size: Callable[[str], int], check_id
             raise ValueError(f"batch.seq lacks event field {f.name!r}; expected {[g.name for g in schema.event_fields]}")
         if tuple(batch.seq[f.name].shape) != (r, length):
             raise ValueError(f"batch.seq[{f.name!r}] must be (R, L_S)={(r, length)}, got {tuple(batch.seq[f.name].shape)}")
+        require_integer(f"batch.seq[{f.name!r}]", batch.seq[f.name])
+    require_integer("batch.seq_type", batch.seq_type)
     ri = batch.request_index
     if ri.dim() != 1:
         raise ValueError(f"batch.request_index must be (B,), got shape {tuple(ri.shape)}")
+    require_integer("batch.request_index", ri)
     b = ri.shape[0]
     check_ns(batch.ns, schema, vocab_size, b, check_ids=False)
     if not check_ids:
@@ -145,9 +148,9 @@ def check_batch(batch: Batch, schema, vocab_size: Callable[[str], int], check_id
     if bool((st[~mask] != 0).any()):
         raise ValueError("batch.seq_type must be 0 on padding (where seq_mask is False)")
     for f in schema.event_fields:
-        _check_ids(f.name, batch.seq[f.name], vocab_size(f.name))
+        check_id_range(f"batch.seq: field {f.name!r}", batch.seq[f.name], vocab_size(f.name))
     for f in schema.ns_features:
-        _check_ids(f.name, batch.ns[f.name], vocab_size(f.name))
+        check_id_range(f"batch.ns: feature {f.name!r}", batch.ns[f.name], vocab_size(f.name))
 
 
 def check_ns(ns: dict, schema, vocab_size: Callable[[str], int], b: int, check_ids: bool = True,
@@ -165,14 +168,21 @@ def check_ns(ns: dict, schema, vocab_size: Callable[[str], int], b: int, check_i
         got = tuple(ids.shape)
         if not ((len(got) == 2 and got[0] == b) if multi else got == (b,)):
             raise ValueError(f"{where}[{f.name!r}] must have shape {(b, f.max_len) if multi else (b,)}, got {got}")
-        if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
-            raise ValueError(f"{where}[{f.name!r}] must hold integer ids, got dtype {ids.dtype}")
+        require_integer(f"{where}[{f.name!r}]", ids)
     if check_ids:
         for f in schema.ns_features:
-            _check_ids(f.name, ns[f.name], vocab_size(f.name), where)
+            check_id_range(f"{where}: feature {f.name!r}", ns[f.name], vocab_size(f.name))
 
 
-def _check_ids(name: str, ids: torch.Tensor, n: int, where: str = "") -> None:
-    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= n):
-        raise ValueError(f"{where + ': ' if where else ''}feature {name!r}: ids must be in [0, {n}) (its vocabulary "
-                         f"size), got range [{int(ids.min())}, {int(ids.max())}]")
+def require_integer(what: str, ids: torch.Tensor) -> None:
+    """A clear error when ``ids`` (named ``what``) are not integer ids (a float id fails deep in an embedding)."""
+    if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+        raise ValueError(f"{what} must hold integer ids, got dtype {ids.dtype}")
+
+
+def check_id_range(what: str, ids: torch.Tensor, n: int) -> None:
+    """A clear error when an id of ``ids`` (named ``what``) falls outside a vocabulary of ``n`` rows."""
+    if ids.numel():
+        lo, hi = (int(t) for t in torch.aminmax(ids))
+        if lo < 0 or hi >= n:
+            raise ValueError(f"{what}: ids must be in [0, {n}) (its vocabulary size), got range [{lo}, {hi}]")

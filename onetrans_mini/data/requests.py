@@ -128,7 +128,7 @@ def _numeric_column(df: pd.DataFrame, col: str, what: str, expected: str = "a nu
     return x.to_numpy()
 
 
-def _same_kind_of_ids(df: pd.DataFrame, tbl: pd.DataFrame, key: str, what: str, name: str) -> None:
+def _same_kind_of_ids(df: pd.DataFrame, tbl: pd.DataFrame, key: str, what: str) -> None:
     """The ids of a users / items table must be of the interactions' kind (numbers or text), else no row
     would join (and pandas refuses to merge int64 with str keys)."""
     _require_columns(tbl, [key], what)
@@ -230,8 +230,7 @@ def build_requests(
     for tbl, key, what in ((users_df, "user", "users table"), (items_df, "item", "items table")):
         if tbl is not None:
             what = tbl.attrs.get("source_file", what)
-            _same_kind_of_ids(df, tbl, key, what, name)
-            _require_columns(tbl, [key], what)
+            _same_kind_of_ids(df, tbl, key, what)
             dup = tbl[key].duplicated()
             if dup.any():
                 row = int(np.flatnonzero(dup.to_numpy())[0])
