@@ -8,7 +8,8 @@
 #    the raw files come from ONETRANS_DATA_DIR, downloaded there on first use if the machine has a network);
 # 2. checks on the device that the request-level forward (`model(batch)`: Stage I once per request) equals
 #    the per-candidate `model.forward_full`, in fp32 and under bf16 autocast, forward and gradients, and that
-#    a user-cache append equals a fresh Stage I;
+#    a user-cache append equals a fresh Stage I, and a Server fed CPU requests scores on the device as the
+#    per-candidate mode does;
 # 3. with --bench, runs benchmarks/gpu_bench.sh too (the paper-size systems benchmark, results/gpu.*).
 #
 # Everything it prints also goes to FILE (default benchmarks/results/gpu_check.txt); it stops at the first
@@ -117,6 +118,20 @@ with torch.inference_mode():
 ok = d < 1e-4
 failed |= not ok
 print(f"user cache: append 8 events to {n} == fresh Stage I of {L}: max |key diff| {d:.2e}: {'ok' if ok else 'FAILED'}")
+
+# the Server: requests built on the CPU, scored on the device; the cached mode equals the per-candidate one
+from onetrans_mini.serving import Request, Server
+
+cpu_ev, ns = ev.to("cpu"), {k: v.cpu() for k, v in request_batch(1, 8, L, seed=4).ns.items()}
+servers = {m: Server(model, m) for m in ("none", "both")}
+d = 0.0
+for a, z in ((0, n // 2), (n // 2, n), (n, L)):
+    out = {m: srv.score(Request(0, new_events=cpu_ev.slice(a, z), ns=ns)) for m, srv in servers.items()}
+    d = max(d, float((out["both"] - out["none"]).abs().max()))
+ok = d < 1e-4 and out["both"].device.type == device.type
+failed |= not ok
+print(f"server: CPU requests scored on {device.type}, cached == per-candidate over 3 appends: max |logit diff| {d:.2e}: "
+      f"{'ok' if ok else 'FAILED'}")
 sys.exit(1 if failed else 0)
 EOF
 

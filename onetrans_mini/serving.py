@@ -78,6 +78,13 @@ class Events:
         out.fields, out.seq_type, out.time = {k: v[a:b] for k, v in self.fields.items()}, self.seq_type[a:b], self.time[a:b]
         return out
 
+    def to(self, device) -> "Events":
+        """The same events on ``device`` (a no-op where they already are)."""
+        out = object.__new__(Events)
+        out.fields = {k: v.to(device) for k, v in self.fields.items()}
+        out.seq_type, out.time = self.seq_type.to(device), self.time.to(device)
+        return out
+
     @staticmethod
     def cat(parts: list["Events"]) -> "Events":
         return Events({k: torch.cat([p.fields[k] for p in parts]) for k in parts[0].fields},
@@ -243,7 +250,8 @@ class Server:
     """Scores requests in one ``mode`` (see the module docstring).
 
     Args:
-        model: a causal ``OneTrans`` (eval mode).
+        model: a causal ``OneTrans`` (eval mode), on any device: requests may hold CPU tensors, the server
+            moves them to the model's device (its event log and user cache live there).
         mode: one of ``MODES``.
         drop_block: the ``EventLog``'s truncation block (events dropped at once when a window is full).
         cache_bytes: the user cache's bound (modes ``both`` and ``approx``).
@@ -295,14 +303,15 @@ class Server:
         with no candidates returns an empty (0, n_tasks) tensor (its events are kept; the user cache catches
         up at the user's next scored request)."""
         model = self.model
-        events = self.check(req)
+        device = next(model.parameters()).device  # requests arrive on the CPU; the log and the cache live here
+        events = self.check(req).to(device)
         window = self.log.append(req.user, events)
         if req.n_candidates == 0:
-            return torch.zeros(0, model.n_tasks)
+            return torch.zeros(0, model.n_tasks, device=device)
         if self.store is not None:
             rc = self.store.request_cache(req.user, window)
             return model.score(rc, req.ns)  # one cached request: no request_index needed
-        batch = window_batch(window, req.ns, model.n_tasks)
+        batch = window_batch(window, req.ns, model.n_tasks).to(device)
         if self.mode == "none":
             return model.forward_full(batch)[0]  # every candidate with its own copy of the history
         return model(batch)[0]  # Stage I once, Stage II per candidate
