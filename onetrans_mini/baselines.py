@@ -43,13 +43,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
-from torch.utils.checkpoint import checkpoint
 
 from .config import ModelConfig
 from .data.batching import check_batch
 from .features import Schema
 from .layers import MixedFFN, RMSNorm
-from .model import OneTrans, task_loss
+from .model import OneTrans, maybe_checkpoint, task_loss
 from .tokenizer import FeatureEmbeddings, SequenceTokenizer, Tokenizer, mlp, n_ns_tokens
 
 # ----------------------------------------------------------------------------------------------
@@ -80,12 +79,8 @@ class _Baseline(nn.Module):
         raise NotImplementedError
 
     def run_block(self, fn, *args):
-        """``fn(*args)``; under ``config.activation_checkpointing`` while training with autograd on, its
-        activations are not kept for backward but recomputed there (the RNG state is replayed, so
-        dropout masks and gradients are the same)."""
-        if self.config.activation_checkpointing and self.training and torch.is_grad_enabled():
-            return checkpoint(fn, *args, use_reentrant=False)
-        return fn(*args)
+        """A block step ``fn(*args)``, checkpointed when training with ``activation_checkpointing``."""
+        return maybe_checkpoint(fn, *args, enabled=self.config.activation_checkpointing and self.training)
 
     # -- accounting -------------------------------------------------------------------------------
     def embedding_parameters(self):

@@ -70,8 +70,10 @@ BENCH_VOCAB = {"user_id": 5000, "age": 9, "gender": 4, "item_id": 20000, "catego
 def bench_model(preset: str, max_len: int, device="cpu", seed: int = 0, **overrides) -> OneTrans:
     """A OneTrans of ``preset`` on ``BENCH_SCHEMA``; the same ``seed`` gives the same weights whatever the
     switches (none of them changes a parameter's shape)."""
-    torch.manual_seed(seed)
-    return OneTrans(get_preset(preset, max_len=max_len, **overrides), BENCH_SCHEMA, BENCH_VOCAB).to(device)
+    with torch.random.fork_rng(devices=[]):  # seeded weights without touching the caller's global RNG
+        torch.manual_seed(seed)
+        model = OneTrans(get_preset(preset, max_len=max_len, **overrides), BENCH_SCHEMA, BENCH_VOCAB)
+    return model.to(device)
 
 
 def request_batch(n_requests: int, n_candidates: int, seq_len: int, seed: int = 0) -> Batch:
@@ -555,7 +557,17 @@ def suite_from_args(args) -> tuple[str, SuiteConfig]:
 
 def cli_bench(args) -> int:
     if args.readme_table:
-        print(readme_table(json.loads(Path(args.readme_table).read_text())), end="")
+        path = Path(args.readme_table)
+        try:
+            table = readme_table(json.loads(path.read_text()))
+        except OSError as e:
+            print(f"error: --readme-table {path}: cannot read it ({e.strerror or e})", file=sys.stderr)
+            return 2
+        except (ValueError, KeyError, TypeError, AttributeError) as e:  # not JSON, or not a suite's results
+            print(f"error: --readme-table {path}: expected the results JSON that 'bench --out DIR' writes "
+                  f"({type(e).__name__}: {e})", file=sys.stderr)
+            return 2
+        print(table, end="")
         return 0
     cuda = args.device == "cuda" or (args.device.startswith("cuda:") and args.device[5:].isdigit())
     sections = [s.strip() for s in args.sections.split(",") if s.strip()]

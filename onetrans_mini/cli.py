@@ -81,12 +81,12 @@ THREADS_HELP = {
     "batch": "torch intra-op threads: N, or auto (default) = the CPUs this process may use (affinity and "
              "container quota, shared among torchrun's local processes) less the machine's 1-minute load, "
              f"between 1 and {THREADS_CAP}. Why: torch's default (one per core) ignores other jobs, and threads that "
-             "wait on busy cores made a run 10-20x slower on a shared machine; at most "
+             "wait on busy cores can make a run many times slower on a shared machine; at most "
              f"{THREADS_CAP} since the small presets' matrices are narrow (a big idle machine may do better with "
              "--threads N). The first output line says which was used",
     "serving": "torch intra-op threads: N, or auto (default) = 1. Why: a request's tensors are tiny, so more "
-               "threads only wait on each other (a 300-request replay took 216 s with torch's default threads on a "
-               "busy machine, 8.9 s with one). The first output line says which was used",
+               "threads only wait on each other (measured in README, 'CPU threads'). The first output line "
+               "says which was used",
 }
 
 
@@ -109,7 +109,7 @@ def auto_threads(policy: str, cpus: int | None = None, load: float | None = None
     ``serving``: 1. ``batch`` (train, evaluate): ``OMP_NUM_THREADS`` if the user set it; else the CPUs
     available per local process (torchrun's ``LOCAL_WORLD_SIZE``) less the machine's 1-minute load
     average, between 1 and ``THREADS_CAP``. Slower than ideal by at most ~``THREADS_CAP``x on an idle
-    many-core machine; never the 10-20x of oversubscribing a busy one."""
+    many-core machine; never the collapse of oversubscribing a busy one."""
     if policy == "serving":
         return 1, "auto: one request at a time"
     omp = os.environ.get("OMP_NUM_THREADS", "")

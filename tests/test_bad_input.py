@@ -150,6 +150,10 @@ CLI_ROWS = [
      r"--seq-len must be an integer, got 'long'", True),
     ("bench-sizes-not-integers", ["bench", "--suite", "nano", "--append-new", "1,two"], None, 2,
      r"--append-new must be comma-separated integers, got '1,two'", True),
+    ("bench-readme-table-missing", ["bench", "--readme-table", "T/missing.json"], None, 2,
+     r"--readme-table \S+/missing\.json: cannot read it \(No such file or directory\)", True),
+    ("bench-readme-table-not-results", ["bench", "--readme-table", "T/afile"], None, 2,
+     r"--readme-table \S+/afile: expected the results JSON that 'bench --out DIR' writes \(JSONDecodeError", True),
     # damaged run folders
     ("evaluate-missing-run", ["evaluate", "T/missing"], None, 2, r"run folder \S+/missing does not exist", True),
     ("evaluate-corrupt-config", ["evaluate", "R"], _corrupt_config, 2, r"config\.json: corrupt run config", True),

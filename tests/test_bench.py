@@ -153,3 +153,14 @@ def test_readme_table_is_generated_from_the_committed_results(capsys):
     assert block.group(1) == readme_table(committed), "regenerate: python -m onetrans_mini.bench --readme-table"
     assert main(["bench", "--readme-table"]) == 0 and capsys.readouterr().out == readme_table(committed)
     assert committed["schema"] == bench.SCHEMA_VERSION  # the results were made by this code's suite
+
+
+def test_bench_model_is_seeded_without_touching_the_global_rng():
+    """The same seed gives the same weights, and the caller's random stream goes on as if nothing ran."""
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    a = bench.bench_model("nano", 16, seed=0)
+    assert torch.equal(torch.rand(3), expected)
+    b = bench.bench_model("nano", 16, seed=0, pyramid=False)
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
