@@ -172,6 +172,8 @@ def get_preset(name: str, **overrides) -> ModelConfig:
 DATA_PRESETS: dict[str, DataConfig] = {
     "movielens-100k": DataConfig(max_len=128, max_candidates=16, session_gap=3600.0),
     "movielens-1m": DataConfig(max_len=256, max_candidates=16, session_gap=3600.0),
+    "movielens-20m": DataConfig(max_len=256, max_candidates=16, session_gap=3600.0),
+    "movielens-32m": DataConfig(max_len=256, max_candidates=16, session_gap=3600.0),
     "synthetic": DataConfig(max_len=64, max_candidates=16, session_gap=60.0),
     "synthetic-tiny": DataConfig(max_len=32, max_candidates=8, session_gap=60.0),
 }

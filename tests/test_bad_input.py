@@ -86,7 +86,7 @@ CLI_ROWS = [
     # names
     ("train-unknown-dataset", ["train", "--dataset", "movielens-10k", "--out", "T/run"], None, 2,
      r"unknown dataset 'movielens-10k': expected one of", False),
-    ("data-unknown-dataset", ["data", "movielens-20m"], None, 2, r"unknown dataset 'movielens-20m': expected one of", False),
+    ("data-unknown-dataset", ["data", "movielens-2m"], None, 2, r"unknown dataset 'movielens-2m': expected one of", False),
     ("data-unknown-synthetic-size", ["data", "synthetic-huge"], None, 2,
      r"unknown dataset 'synthetic-huge': expected one of", False),
     ("train-unknown-preset", ["train", *TINY_RUN, "--preset", "XL", "--out", "T/run"], None, 2,

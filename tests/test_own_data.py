@@ -138,7 +138,7 @@ def test_no_01_column_says_what_a_task_is(tmp_path):
 
 
 @pytest.mark.parametrize("argv", [
-    ["data", "movielens-20m"], ["data", "synthetic-huge"], ["data", "movielens-10k"],
+    ["data", "movielens-2m"], ["data", "synthetic-huge"], ["data", "movielens-10k"],
     ["train", "--dataset", "movielens-10k"], ["train", "--dataset", "synthetic-xl"],
 ])
 def test_unknown_dataset_name_is_one_line_naming_the_choices(argv, capsys, tmp_path, monkeypatch):
@@ -153,7 +153,7 @@ def test_unknown_dataset_name_is_one_line_naming_the_choices(argv, capsys, tmp_p
     assert not (tmp_path / "runs").exists()
 
 
-@pytest.mark.parametrize("name", ["synthetic-huge", "movielens-20m", "movielens-32m", "nope"])
+@pytest.mark.parametrize("name", ["synthetic-huge", "movielens-25m", "movielens-2m", "nope"])
 def test_load_dataset_raises_data_error_for_unknown_names(name):
     with pytest.raises(DataError, match=rf"unknown dataset '{name}'.*movielens-100k, movielens-1m"):
         load_dataset(name)
