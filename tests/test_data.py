@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from onetrans_mini.config import DataConfig
-from onetrans_mini.data import DataError, build_requests, load_custom, load_synthetic
+from onetrans_mini.data import DataError, RequestData, build_requests, load_custom, load_synthetic
 from onetrans_mini.data.download import RemoteZip, fetch
 from onetrans_mini.data.movielens import MOVIELENS_SCHEMA, read_ml100k, read_ml1m
 from onetrans_mini.data.requests import cached
@@ -347,6 +347,27 @@ def test_fetch_offline_names_the_url_and_the_manual_route(tmp_path):
     spec = RemoteZip("toy", (tmp_path / "nowhere.zip").as_uri(), "0" * 32, "toy", ("a.txt",))
     with pytest.raises(DataError, match=r"could not download file://.*nowhere.zip.*by hand"):
         fetch(spec, tmp_path / "data", progress=False)
+
+
+def test_the_cache_is_memory_mapped_and_equals_the_built_data(tmp_path):
+    """A saved copy loads as read-only views of the mapped Arrow files (no copy into the process's
+    memory), column for column equal to what was built, 2-D columns included."""
+    built = load_synthetic("tiny", use_cache=False)
+    built.save(tmp_path / "d")
+    loaded = RequestData.load(tmp_path / "d")
+    for name in ("requests", "candidates", "history"):
+        a, b = getattr(built, name), getattr(loaded, name)
+        assert a.keys() == b.keys()
+        for k in a:
+            assert np.array_equal(a[k], b[k]) and a[k].dtype == b[k].dtype and a[k].shape == b[k].shape, (name, k)
+            if b[k].dtype.kind in "iuf":  # numbers: a view of the mapping, never a private copy
+                assert not b[k].flags.owndata and not b[k].flags.writeable, (name, k)
+    one = loaded.collate(loaded.request_ids("train")[:3])
+    ref = built.collate(built.request_ids("train")[:3])
+    assert all(torch.equal(one.ns[k], ref.ns[k]) for k in ref.ns) and torch.equal(one.seq_mask, ref.seq_mask)
+    # cached() hands back the mapped copy, also on the first (building) call
+    first = cached(tmp_path / "c", "tiny", ["k"], lambda: load_synthetic("tiny", use_cache=False))
+    assert not first.candidates["item_id"].flags.writeable
 
 
 def test_failed_build_leaves_no_cache_entry(tmp_path):

@@ -1,7 +1,7 @@
 """Data: raw files -> interactions -> requests -> request-level batches.
 
 ``load_dataset(name)`` is the one entry point the CLI, the notebooks and the tests use:
-``synthetic`` (and ``synthetic-tiny``, ``synthetic-small``), ``movielens-100k``, ``-1m``, ``-20m``, ``-32m``,
+``synthetic`` (and ``-tiny``, ``-small``, ``-1m``, ``-10m``), ``movielens-100k``, ``-1m``, ``-20m``, ``-32m``,
 or a path to your own interactions (a CSV file or a folder with ``interactions.csv``).
 """
 
@@ -17,8 +17,8 @@ from .movielens import MOVIELENS_SCHEMA, load_movielens
 from .requests import DataError, RequestData, build_requests
 from .synthetic import SYNTHETIC_SCHEMA, load_synthetic, write_own_data
 
-DATASETS = ("synthetic", "synthetic-tiny", "synthetic-small", "movielens-100k", "movielens-1m", "movielens-20m",
-            "movielens-32m")
+DATASETS = ("synthetic", "synthetic-tiny", "synthetic-small", "synthetic-1m", "synthetic-10m", "movielens-100k",
+            "movielens-1m", "movielens-20m", "movielens-32m")
 _ALIASES = {"synthetic-default": "synthetic"}
 _OWN_DATA = "a path to your interactions (a CSV file, or a folder holding interactions.csv)"
 

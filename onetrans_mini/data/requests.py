@@ -45,7 +45,7 @@ from .batching import Batch, concat_ranges, left_padded_windows
 
 SPLITS = ("train", "val", "test")
 MAX_SECONDS = 1e11  # about the year 5138: a larger timestamp is milliseconds (or microseconds), not seconds
-CACHE_VERSION = 1  # bump when the prepared format changes, so old caches are not reused
+CACHE_VERSION = 2  # bump when the prepared format changes, so old caches are not reused
 
 # context columns derived for every request (request-relative features live on NS tokens only)
 DERIVED_CONTEXT = ("hour", "weekday", "gap_since_last", "n_history")
@@ -481,20 +481,21 @@ class RequestData:
             num_workers=num_workers,
         )
 
-    # ---- persistence (Arrow via datasets) ------------------------------------------------------------
+    # ---- persistence (Arrow files, memory-mapped) ------------------------------------------------------
     def save(self, path: Path) -> None:
-        """Write to ``path`` atomically: a temporary folder renamed into place, so a failure leaves nothing."""
-        import datasets
-        from datasets import Dataset
+        """Write to ``path`` atomically: a temporary folder renamed into place, so a failure leaves nothing.
+        Each table is one Arrow IPC file holding ONE record batch, so that ``load`` can map it without a copy."""
+        import pyarrow as pa
 
-        datasets.disable_progress_bars()  # a cache write is not worth a progress bar per table
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=path.name + ".tmp-", dir=path.parent))
         try:
             for tname, tbl in (("requests", self.requests), ("candidates", self.candidates), ("history", self.history)):
-                cols = {k: (list(v) if v.ndim > 1 else v) for k, v in tbl.items()}
-                Dataset.from_dict(cols).save_to_disk(str(tmp / tname))
+                table = pa.table({k: _numpy_to_arrow(v) for k, v in tbl.items()})
+                # the Arrow stream format that datasets reads; ONE record batch, so columns are contiguous
+                with pa.OSFile(str(tmp / f"{tname}.arrow"), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as w:
+                    w.write_table(table, max_chunksize=max(1, table.num_rows))
             meta = {
                 "schema": self.schema.to_dict(),
                 "config": asdict(self.config),
@@ -512,12 +513,16 @@ class RequestData:
 
     @classmethod
     def load(cls, path: Path) -> "RequestData":
-        from datasets import load_from_disk
+        """Read a saved copy (``datasets.Dataset.from_file``, memory-mapped). Numeric columns are read-only
+        numpy views of the mapped files: the OS pages them in as batches touch them (and may drop them
+        again), so a large dataset need not fit in the process's own memory."""
+        from datasets import Dataset
 
         path = Path(path)
         meta = json.loads((path / "meta.json").read_text())
         vocabs = Vocabularies.from_json((path / "vocabs.json").read_text())
-        tables = [_arrow_to_numpy(load_from_disk(str(path / t)).data.table) for t in ("requests", "candidates", "history")]
+        tables = [_arrow_to_numpy(Dataset.from_file(str(path / f"{t}.arrow"), in_memory=False).data.table)
+                  for t in ("requests", "candidates", "history")]
         schema = Schema.from_dict(meta["schema"])
         return cls(schema, DataConfig(**meta["config"]), vocabs, *tables, meta["info"])
 
@@ -545,18 +550,27 @@ class RequestData:
         return out
 
 
+def _numpy_to_arrow(x: np.ndarray):
+    """A numpy column as Arrow: a 2-D (n, k) array becomes a fixed-size list column of k values per row."""
+    import pyarrow as pa
+
+    if x.ndim == 2:
+        return pa.FixedSizeListArray.from_arrays(pa.array(np.ascontiguousarray(x).reshape(-1)), x.shape[1])
+    return pa.array(x)
+
+
 def _arrow_to_numpy(table) -> dict[str, np.ndarray]:
-    """Columns of an Arrow table as numpy arrays; fixed-length list columns become 2-D arrays."""
+    """Columns of an Arrow table as numpy arrays, without a copy where the column is one chunk of numbers
+    (as ``save`` writes them); fixed-size list columns become 2-D arrays."""
     import pyarrow as pa
 
     out = {}
     for name, col in zip(table.column_names, table.columns):
-        col = col.combine_chunks()
-        if pa.types.is_list(col.type) or pa.types.is_large_list(col.type):
-            flat = col.flatten().to_numpy()
-            out[name] = flat.reshape(len(col), -1) if len(col) else flat.reshape(0, 0)
+        col = col.chunk(0) if col.num_chunks == 1 else col.combine_chunks()
+        if pa.types.is_fixed_size_list(col.type):
+            out[name] = col.flatten().to_numpy(zero_copy_only=False).reshape(len(col), col.type.list_size)
         else:
-            out[name] = col.to_numpy()
+            out[name] = col.to_numpy(zero_copy_only=False)
     return out
 
 
@@ -590,4 +604,4 @@ def cached(cache_dir: Path, name: str, key_parts: list, build) -> RequestData:
             shutil.rmtree(path, ignore_errors=True)
     data = build()
     data.save(path)
-    return data
+    return RequestData.load(path)  # memory-mapped: the built copy's memory goes back as soon as it is dropped

@@ -49,6 +49,9 @@ SIZES = {
     "tiny": SyntheticSize(n_users=64, n_items=200, n_requests=12, candidates=8, n_categories=8, n_brands=10),
     "small": SyntheticSize(n_users=400, n_items=1000, n_requests=24, candidates=16),
     "default": SyntheticSize(n_users=1000, n_items=2000, n_requests=32, candidates=16),
+    # scale: about 1M and 10M interactions (the same world, more users and items)
+    "1m": SyntheticSize(n_users=2000, n_items=4000, n_requests=32, candidates=16),
+    "10m": SyntheticSize(n_users=20000, n_items=20000, n_requests=32, candidates=16),
 }
 
 BEHAVIOUR_WEIGHT = {"purchase": 2.0, "cart": 1.5, "click": 1.0}
