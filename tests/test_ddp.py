@@ -129,3 +129,26 @@ def test_torchrun_cli_trains_and_rank0_writes_the_run(tiny_data, tmp_path):
     assert p.stdout.count("user+item mean") == 2  # one table (two tasks), printed by rank 0 only
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 1
     assert not list(out.glob("*.tmp"))
+
+
+def test_torchrun_on_the_1m_synthetic_world(tmp_path, monkeypatch):
+    """Issue 15's multi-process check at scale: 2 gloo processes on 1.02M interactions. Rank 0 prepares the
+    memory-mapped cache while rank 1 waits, both train on their shards, the sharded evaluation covers the
+    whole test split (as many candidates as the dataset's test split holds)."""
+    from onetrans_mini.data import load_synthetic
+
+    monkeypatch.setenv("ONETRANS_CACHE_DIR", str(tmp_path / "cache"))  # empty: the run itself prepares the world
+    out = tmp_path / "run"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "onetrans_mini",
+           "train", "--dataset", "synthetic-1m", "--preset", "nano", "--epochs", "1", "--steps-per-epoch", "3",
+           "--out", str(out), "--no-progress", "--device", "cpu"]
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    res = json.loads((out / "results.json").read_text())
+    assert res["dataset"] == "synthetic-1m" and res["world_size"] == 2
+    assert len(list((tmp_path / "cache").iterdir())) == 1  # prepared once, not once per rank
+    data = load_synthetic("1m")  # from that cache
+    assert data.info["n_interactions"] == 1_024_000
+    n_test = len(data.candidate_rows("test"))
+    assert res["test"]["click"]["n"] == res["test"]["purchase"]["n"] == n_test
