@@ -116,14 +116,20 @@ def test_two_ranks_stay_identical_and_equal_one_process(tiny_data, ddp_run):
         assert m["n"] == r0["val"][t]["n"]  # the sharded evaluation saw the whole split once
 
 
-def test_torchrun_cli_trains_and_rank0_writes_the_run(tiny_data, tmp_path):
-    out = tmp_path / "run"
+def _torchrun_train(dataset: str, out: Path, timeout: int) -> subprocess.CompletedProcess:
+    """``torchrun --standalone --nproc_per_node=2 -m onetrans_mini train`` (gloo, nano, 3 steps) into ``out``."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "onetrans_mini",
-           "train", "--dataset", "synthetic-tiny", "--preset", "nano", "--epochs", "1", "--steps-per-epoch", "3",
+           "train", "--dataset", dataset, "--preset", "nano", "--epochs", "1", "--steps-per-epoch", "3",
            "--out", str(out), "--no-progress", "--device", "cpu"]
-    p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
     assert p.returncode == 0, p.stderr[-3000:]
+    return p
+
+
+def test_torchrun_cli_trains_and_rank0_writes_the_run(tiny_data, tmp_path):
+    out = tmp_path / "run"
+    p = _torchrun_train("synthetic-tiny", out, timeout=120)
     res = json.loads((out / "results.json").read_text())
     assert res["world_size"] == 2 and set(res["test"]) == {"click", "purchase"}
     assert p.stdout.count("user+item mean") == 2  # one table (two tasks), printed by rank 0 only
@@ -139,12 +145,7 @@ def test_torchrun_on_the_1m_synthetic_world(tmp_path, monkeypatch):
 
     monkeypatch.setenv("ONETRANS_CACHE_DIR", str(tmp_path / "cache"))  # empty: the run itself prepares the world
     out = tmp_path / "run"
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "onetrans_mini",
-           "train", "--dataset", "synthetic-1m", "--preset", "nano", "--epochs", "1", "--steps-per-epoch", "3",
-           "--out", str(out), "--no-progress", "--device", "cpu"]
-    p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
-    assert p.returncode == 0, p.stderr[-3000:]
+    _torchrun_train("synthetic-1m", out, timeout=600)
     res = json.loads((out / "results.json").read_text())
     assert res["dataset"] == "synthetic-1m" and res["world_size"] == 2
     assert len(list((tmp_path / "cache").iterdir())) == 1  # prepared once, not once per rank
