@@ -484,7 +484,7 @@ class RequestData:
     # ---- persistence (Arrow files, memory-mapped) ------------------------------------------------------
     def save(self, path: Path) -> None:
         """Write to ``path`` atomically: a temporary folder renamed into place, so a failure leaves nothing.
-        Each table is one Arrow IPC file holding ONE record batch, so that ``load`` can map it without a copy."""
+        Each table is one Arrow stream file holding ONE record batch, so that ``load`` can map it without a copy."""
         import pyarrow as pa
 
         path = Path(path)
