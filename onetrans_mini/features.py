@@ -11,6 +11,10 @@ Four kinds of feature (FuxiCTR's vocabulary, simplified):
   or given explicitly (release year, age).
 - ``MultiCategorical``: several ids per row, padded to ``max_len`` (movie genres); embedded as the
   mean of its ids.
+- ``TrainingStat`` / ``HistoryStat``: numbers an industrial ranker feeds next to the ids (an item's
+  popularity and positive rate in the training split; the user's rates, and how often the history
+  matches the candidate's genre, from the request's own history), computed without leakage by
+  ``data/statistics.py`` and then bucketized like ``Bucketized``.
 - ``SequenceSpec``: a behaviour sequence: which event types belong to it (e.g. ``liked``) and which
   per-event fields each S-token carries (item id, side info, behaviour type, time gap).
 
@@ -25,7 +29,7 @@ from __future__ import annotations
 import json
 from collections import Counter
 from dataclasses import asdict, dataclass, field
-from typing import Iterable, Literal, Sequence
+from typing import ClassVar, Iterable, Literal, Sequence
 
 import numpy as np
 
@@ -76,7 +80,53 @@ class MultiCategorical:
     kind: str = "multi_categorical"
 
 
-NSFeature = Categorical | Bucketized | MultiCategorical
+@dataclass(frozen=True)
+class TrainingStat:
+    """A statistic of the TRAINING split's candidates that share this candidate's ``key`` column: their count
+    (``mean_of`` empty: popularity) or the mean of a column (``mean_of="like"``: the key's positive rate),
+    smoothed with ``alpha`` pseudo-rows at the training mean. Training candidates get it out of fold (requests
+    dealt into ``folds`` folds; a row's statistic comes from the other folds), so no candidate's own label
+    reaches its features; test candidates' rates also count the validation split (see ``data/statistics.py``).
+    Quantile-bucketized on the training split (log scale for counts)."""
+
+    name: str
+    # column(s) of the candidate table (after the items table is joined): "item", "user", or a tuple such as
+    # ("user", "category"): one statistic per combination (the user's rate in each category)
+    key: str | tuple[str, ...] = "item"
+    mean_of: str = ""  # "" = count; else a numeric column of the interactions (a label)
+    alpha: float = 20.0
+    folds: int = 5
+    n_buckets: int = 16
+    group: str = ""
+    kind: str = "training_stat"
+    source: ClassVar[str] = "item"  # one value per candidate
+
+
+@dataclass(frozen=True)
+class HistoryStat:
+    """A statistic of the request's own history (events strictly before it, so never a candidate's label):
+    how many events (``mean_of`` empty) or the mean of an event column (``mean_of="like"``: the user's like
+    rate so far), smoothed with ``alpha`` pseudo-events at the training mean (out of fold). With ``match``, only the events
+    whose ``match`` column equals the candidate's (``match="genre1"``: the user's history in this genre);
+    with ``window``, only the newest ``window`` events. Quantile-bucketized on the training split."""
+
+    name: str
+    mean_of: str = ""  # "" = count; else a numeric column of the history events
+    match: str = ""  # "" = per request; else a column of both the candidate and the events
+    window: int = 0  # 0 = the whole history
+    alpha: float = 5.0
+    folds: int = 5  # the prior (training mean) of a training request leaves out its fold, as in TrainingStat
+    n_buckets: int = 16
+    group: str = ""
+    kind: str = "history_stat"
+
+    @property
+    def source(self) -> str:
+        return "item" if self.match else "user"  # per candidate with a match, else per request
+
+
+Statistic = TrainingStat | HistoryStat
+NSFeature = Categorical | Bucketized | MultiCategorical | TrainingStat | HistoryStat
 
 
 @dataclass(frozen=True)
@@ -128,6 +178,15 @@ class Schema:
         for f in self.ns_features:
             if f.source == "event":
                 raise ValueError(f"schema: NS feature {f.name!r} cannot have source='event'")
+            if isinstance(f, (TrainingStat, HistoryStat)) and (f.alpha < 0 or f.n_buckets < 1):
+                raise ValueError(f"schema: statistic {f.name!r} needs alpha >= 0 and n_buckets >= 1")
+            if isinstance(f, (TrainingStat, HistoryStat)) and f.folds < 2:
+                raise ValueError(f"schema: statistic {f.name!r} needs folds >= 2 (out-of-fold rates)")
+            if isinstance(f, HistoryStat) and f.window < 0:
+                raise ValueError(f"schema: statistic {f.name!r} needs window >= 0 (0 = the whole history)")
+        for f in self.event_fields:
+            if isinstance(f, (TrainingStat, HistoryStat)):
+                raise ValueError(f"schema: event field {f.name!r} cannot be a statistic (S-tokens read event columns)")
         behaviours = [b for s in self.sequences for b in s.behaviours]
         if len(set(behaviours)) != len(behaviours):
             raise ValueError("schema: a behaviour may belong to one sequence only")
@@ -166,13 +225,15 @@ class Schema:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Schema":
-        kinds = {"categorical": Categorical, "bucketized": Bucketized, "multi_categorical": MultiCategorical}
+        kinds = {"categorical": Categorical, "bucketized": Bucketized, "multi_categorical": MultiCategorical,
+                 "training_stat": TrainingStat, "history_stat": HistoryStat}
 
         def feat(x):
             x = dict(x)
             k = kinds[x["kind"]]
-            if "boundaries" in x:
-                x["boundaries"] = tuple(x["boundaries"])
+            for name in ("boundaries", "key"):  # JSON lists back to tuples
+                if isinstance(x.get(name), list):
+                    x[name] = tuple(x[name])
             return k(**x)
 
         return cls(
@@ -184,7 +245,15 @@ class Schema:
 
 
 def column_of(f: NSFeature) -> str:
-    return f.column or f.name
+    return getattr(f, "column", "") or f.name
+
+
+def bucketized(f: NSFeature) -> NSFeature:
+    """How a feature is fitted and encoded: a statistic is a ``Bucketized`` of its computed column (quantile
+    buckets, log scale for counts); every other feature is itself."""
+    if isinstance(f, (TrainingStat, HistoryStat)):
+        return Bucketized(f.name, f.source, group=f.group, n_buckets=f.n_buckets, log=not f.mean_of)
+    return f
 
 
 def group_of(f: NSFeature) -> str:
@@ -306,6 +375,7 @@ def _jsonable(x):
 
 def fit_feature(f: NSFeature, train_values) -> Vocab | Buckets:
     """Fit one feature's vocabulary or buckets on its training-split values."""
+    f = bucketized(f)
     if isinstance(f, Categorical):
         return Vocab.fit(list(train_values), f.min_count)
     if isinstance(f, MultiCategorical):
@@ -317,6 +387,7 @@ def fit_feature(f: NSFeature, train_values) -> Vocab | Buckets:
 
 def encode_feature(f: NSFeature, vocab: Vocab | Buckets, values) -> np.ndarray:
     """Encode a column: (N,) ids, or (N, max_len) ids PAD-padded for multi-valued features."""
+    f = bucketized(f)
     if isinstance(f, MultiCategorical):
         out = np.zeros((len(values), f.max_len), dtype=np.int64)
         for i, cell in enumerate(values):

@@ -106,3 +106,26 @@ def test_task_metrics_bundle():
     assert m["auc"] == pytest.approx(brute_auc(y, s))
     assert m["uauc"] == pytest.approx(0.5) and m["gauc"] == pytest.approx(0.375)
     assert m["logloss"] == pytest.approx(logloss(y, s))
+
+
+def test_weighted_auc_equals_auc_on_repeated_rows():
+    from onetrans_mini.metrics import weighted_auc
+
+    rng = np.random.default_rng(0)
+    y, s = rng.integers(0, 2, 300), rng.integers(0, 20, 300) / 20  # many ties
+    w = rng.integers(0, 4, 300)
+    assert weighted_auc(y, s, w) == pytest.approx(auc(np.repeat(y, w), np.repeat(s, w)), abs=1e-12)
+
+
+def test_paired_user_bootstrap_brackets_a_real_difference_and_not_a_null_one():
+    from onetrans_mini.metrics import paired_user_bootstrap
+
+    rng = np.random.default_rng(1)
+    users = np.repeat(np.arange(200), 20)
+    y = rng.integers(0, 2, len(users))
+    good = y + rng.normal(0, 1.0, len(y))
+    worse = y + rng.normal(0, 2.0, len(y))
+    r = paired_user_bootstrap(y, good, worse, users, n_boot=200)
+    assert r["lo"] > 0 and r["lo"] <= r["diff"] <= r["hi"] and r["p_le_0"] == 0.0
+    same = paired_user_bootstrap(y, good, good, users, n_boot=50)
+    assert same["diff"] == same["lo"] == same["hi"] == 0.0

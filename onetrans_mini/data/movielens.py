@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 
 from ..config import DATA_PRESETS, DataConfig
-from ..features import Bucketized, Categorical, MultiCategorical, Schema, SequenceSpec, Task
+from ..features import Bucketized, Categorical, HistoryStat, MultiCategorical, Schema, SequenceSpec, Task, TrainingStat
 from .download import RemoteZip, cache_dir, fetch, file_digest
 from .requests import DataError, RequestData, build_requests, cached
 
@@ -89,6 +89,15 @@ MOVIELENS_SCHEMA = Schema(
         Categorical("weekday", "context"),
         Bucketized("gap_since_last", "context", boundaries=GAP_BOUNDARIES, log=True),
         Bucketized("n_history", "context", boundaries=(0.5, 5, 10, 20, 50, 100, 200, 400)),
+        # statistics, without leakage (data/statistics.py): the item's popularity and rates in the training
+        # split (out of fold for training rows), the user's rates and genre history from the request's history
+        TrainingStat("item_n", key="item"),
+        TrainingStat("item_like_rate", key="item", mean_of="like"),
+        TrainingStat("item_love_rate", key="item", mean_of="love"),
+        HistoryStat("user_like_rate", mean_of="like"),
+        HistoryStat("user_love_rate", mean_of="love"),
+        HistoryStat("genre_n", match="genre1"),
+        HistoryStat("genre_like_rate", mean_of="like", match="genre1"),
     ),
     event_fields=(
         Categorical("hist_item", "event", column="item", vocab_of="item_id"),
@@ -101,8 +110,9 @@ MOVIELENS_SCHEMA = Schema(
 )
 
 # ML-20M / ML-32M: the same requests without the users table's demographics (the CSV releases have none)
+DEMOGRAPHICS = ("age", "gender", "occupation", "zip2")
 MOVIELENS_CSV_SCHEMA = Schema(
-    ns_features=tuple(f for f in MOVIELENS_SCHEMA.ns_features if f.source != "user" or f.name == "user_id"),
+    ns_features=tuple(f for f in MOVIELENS_SCHEMA.ns_features if f.name not in DEMOGRAPHICS),
     event_fields=MOVIELENS_SCHEMA.event_fields,
     sequences=MOVIELENS_SCHEMA.sequences,
     tasks=MOVIELENS_SCHEMA.tasks,

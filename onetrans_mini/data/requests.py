@@ -34,14 +34,18 @@ from ..config import DataConfig
 from ..features import (
     Bucketized,
     Categorical,
+    HistoryStat,
     MultiCategorical,
     Schema,
+    TrainingStat,
     Vocabularies,
+    bucketized,
     column_of,
     encode_feature,
     fit_feature,
 )
 from .batching import Batch, concat_ranges, left_padded_windows
+from .statistics import history_stat, prior_means, shared_codes, training_stat
 
 SPLITS = ("train", "val", "test")
 MAX_SECONDS = 1e11  # about the year 5138: a larger timestamp is milliseconds (or microseconds), not seconds
@@ -309,6 +313,7 @@ def build_requests(
     else:
         user_feat = pd.DataFrame(index=range(n_req))
     user_feat["user"] = user_values[req_user]
+    _add_statistics(schema, cand_df, hist_df, user_feat, split, req, eligible, req_first, hist_start, hist_end, name)
 
     # ---- vocabularies on the training split only ---------------------------------------------------
     train_rows = split == 0
@@ -341,10 +346,14 @@ def build_requests(
     cand_cols: dict[str, np.ndarray] = {"request": req.astype(np.int64)}
     for f in schema.ns_features:
         tbl, _ = tables[f.source]
-        ids = encode_feature(f, vocabs[f.name], values_of(f, tbl).tolist() if not isinstance(f, Bucketized) else values_of(f, tbl).to_numpy())
+        numeric = isinstance(bucketized(f), Bucketized)
+        ids = encode_feature(f, vocabs[f.name], values_of(f, tbl).to_numpy() if numeric else values_of(f, tbl).tolist())
         if f.source in ("user", "context"):  # per request -> per candidate
             ids = ids[req]
         cand_cols[f.name] = ids
+        if isinstance(f, (TrainingStat, HistoryStat)):  # the raw number too: for plots, linear baselines, tests
+            raw = values_of(f, tbl).to_numpy(np.float32)
+            cand_cols[f"stat:{f.name}"] = raw[req] if f.source == "user" else raw
     for t in schema.tasks:
         cand_cols[f"label:{t.name}"] = df[t.column].to_numpy(np.float32)
         if f"prob_{t.name}" in df.columns:
@@ -381,6 +390,57 @@ def build_requests(
         "user_ids": [_plain(u) for u in user_values],
     }
     return RequestData(schema, config, Vocabularies(vocabs), req_cols, cand_cols, hist_cols, info)
+
+
+def _add_statistics(schema: Schema, cand_df, hist_df, user_feat, split, req, eligible, req_first, hist_start,
+                    hist_end, name: str) -> None:
+    """Compute the schema's statistic features into their tables (``statistics.py``): a ``TrainingStat`` and a
+    matched ``HistoryStat`` as a column of the candidates, a per-request ``HistoryStat`` as one of the requests."""
+    def need(tbl, col, f, what):
+        if col not in tbl.columns:
+            raise DataError(f"{name}: statistic {f.name!r} reads column {col!r} of the {what}, which has {_columns(tbl)}")
+
+    def candidate_column(col, f):  # a column of the candidates, or of their user (the users table)
+        if col in cand_df.columns:
+            return cand_df[col].to_numpy()
+        if col in user_feat.columns:
+            return user_feat[col].to_numpy()[req]
+        raise DataError(f"{name}: statistic {f.name!r} reads column {col!r} of the candidates, which have "
+                        f"{_columns(cand_df)} (and their users {_columns(user_feat)})")
+
+    for f in schema.ns_features:
+        if not isinstance(f, (TrainingStat, HistoryStat)):
+            continue
+        for tbl in (cand_df, user_feat):
+            if f.name in tbl.columns:
+                raise DataError(f"{name}: statistic {f.name!r} would overwrite the column of that name; rename the feature")
+        if isinstance(f, TrainingStat):
+            key = (f.key,) if isinstance(f.key, str) else tuple(f.key)
+            cols = pd.DataFrame({col: candidate_column(col, f) for col in key})  # (N, len(key))
+            values = None
+            if f.mean_of:
+                need(cand_df, f.mean_of, f, "candidates")
+                values = _numeric_column(cand_df, f.mean_of, name).astype(np.float64)
+            # one code per combination of the key columns; a missing value in any of them -> -1
+            codes = pd.MultiIndex.from_frame(cols).factorize()[0]
+            codes = np.where(cols.isna().any(axis=1).to_numpy(), -1, codes)
+            cand_df[f.name] = training_stat(f, codes, values, split, req)
+            continue
+        # the queries: every candidate (with a match) or every request; each gets its own out-of-fold prior
+        q_req = req if f.match else np.arange(len(hist_start))
+        q_split = split if f.match else split[req_first]
+        values, prior = None, 0.0
+        if f.mean_of:
+            need(hist_df, f.mean_of, f, "history events")
+            values = _numeric_column(hist_df, f.mean_of, f"{name} (history events)").astype(np.float64)
+            prior = prior_means(values, split[eligible] == 0, req[eligible], f.folds, q_req, q_split)
+        if f.match:
+            need(hist_df, f.match, f, "history events")
+            need(cand_df, f.match, f, "candidates")
+            event_keys, cand_keys = shared_codes(hist_df[f.match], cand_df[f.match])
+            cand_df[f.name] = history_stat(f, hist_start[req], hist_end[req], values, prior, event_keys, cand_keys)
+        else:
+            user_feat[f.name] = history_stat(f, hist_start, hist_end, values, prior)
 
 
 def _with_min_count(f, cfg: DataConfig):

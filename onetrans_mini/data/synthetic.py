@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 
 from ..config import DATA_PRESETS, DataConfig
-from ..features import Bucketized, Categorical, Schema, SequenceSpec, Task
+from ..features import Bucketized, Categorical, HistoryStat, Schema, SequenceSpec, Task, TrainingStat
 from .download import cache_dir
 from .movielens import GAP_BOUNDARIES
 from .requests import DataError, RequestData, build_requests, cached
@@ -70,6 +70,14 @@ SYNTHETIC_SCHEMA = Schema(
         Categorical("hour", "context"),
         Categorical("weekday", "context"),
         Bucketized("gap_since_last", "context", boundaries=GAP_BOUNDARIES, log=True),
+        # statistics, without leakage (data/statistics.py): rates in the training split (out of fold for
+        # training rows) and how much of the request's history shares the candidate's category
+        TrainingStat("item_click_rate", key="item", mean_of="click"),
+        TrainingStat("item_purchase_rate", key="item", mean_of="purchase"),
+        TrainingStat("user_click_rate", key="user", mean_of="click"),
+        TrainingStat("user_category_click_rate", key=("user", "category"), mean_of="click"),
+        HistoryStat("category_n", match="category"),
+        HistoryStat("category_recent", match="category", window=20),
     ),
     event_fields=(
         Categorical("hist_item", "event", column="item", vocab_of="item_id"),
@@ -87,8 +95,15 @@ def _sigmoid(z):
     return 1.0 / (1.0 + np.exp(-z))
 
 
-def generate(size: SyntheticSize | str = "tiny", seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-    """(interactions, users, items) of a synthetic world. Same size and seed, same tables."""
+# the terms of the click logit, in the order they are summed (``generate(..., with_terms=True)``)
+CLICK_TERMS = ("item", "age_x_category", "latent_match", "sequence", "intent")
+
+
+def generate(size: SyntheticSize | str = "tiny", seed: int = 0,
+             with_terms: bool = False) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """(interactions, users, items) of a synthetic world. Same size and seed, same tables. With
+    ``with_terms`` the interactions also hold each term of the click logit (``term_<name>`` for the names
+    in ``CLICK_TERMS``; their sum plus the bias -1.6 is the logit of ``prob_click``): what the signal is made of."""
     s = SIZES[size] if isinstance(size, str) else size
     rng = np.random.default_rng(seed)
     U, I, K, C, D, M = s.n_users, s.n_items, s.n_categories, s.candidates, s.latent_dim, s.memory
@@ -134,10 +149,14 @@ def generate(size: SyntheticSize | str = "tiny", seed: int = 0) -> tuple[pd.Data
         cc = item_cat[cand]  # (U, C)
         seq = ((hist_cat[:, None, :] == cc[:, :, None]) * (hist_w * decay)[:, None, :]).sum(-1)  # (U, C)
         latent = (user_vec[:, None, :] * item_vec[cand]).sum(-1) / np.sqrt(D)
-        z_click = (
-            -1.6 + item_pop[cand] + brand_effect[item_brand[cand]] + age_x_cat[user_age[:, None], cc]
-            + 0.6 * latent + 0.5 * np.tanh(seq) + 0.8 * (cc == intent[:, None])
-        )
+        terms = {  # each (U, C); see CLICK_TERMS
+            "item": item_pop[cand] + brand_effect[item_brand[cand]],
+            "age_x_category": age_x_cat[user_age[:, None], cc],
+            "latent_match": 0.6 * latent,
+            "sequence": 0.5 * np.tanh(seq),
+            "intent": 0.8 * (cc == intent[:, None]),
+        }
+        z_click = -1.6 + sum(terms[name] for name in CLICK_TERMS)
         p_click = _sigmoid(z_click)
         p_buy = _sigmoid(-1.0 + 0.6 * np.tanh(seq) + gender_x_price[user_gender[:, None], price_bucket[cand]] + 0.4 * latent)
         click = rng.random((U, C)) < p_click
@@ -149,6 +168,7 @@ def generate(size: SyntheticSize | str = "tiny", seed: int = 0) -> tuple[pd.Data
                 "user": np.arange(U), "item": cand[:, j], "timestamp": np.floor(t), "click": click[:, j].astype(np.int8),
                 "purchase": buy[:, j].astype(np.int8), "behaviour": behaviour[:, j],
                 "prob_click": p_click[:, j], "prob_purchase": p_click[:, j] * p_buy[:, j], "_k": k, "_j": j,
+                **({f"term_{name}": terms[name][:, j] for name in CLICK_TERMS} if with_terms else {}),
             }))
         # append this request's clicked items to each user's recent history (newest last)
         w_new = np.where(buy, BEHAVIOUR_WEIGHT["purchase"], np.where(cart, BEHAVIOUR_WEIGHT["cart"], np.where(click, 1.0, 0.0)))
