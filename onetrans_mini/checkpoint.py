@@ -167,24 +167,24 @@ def _tuplify(x):
     return tuple(_tuplify(v) for v in x) if isinstance(x, (list, tuple)) else x
 
 
-def save_train_state(run_dir: Path, model, opts, hist: dict, epochs_done: int, bad_epochs: int, improved: bool,
-                     info: DistInfo) -> None:
-    """End of an epoch: last weights (+ best if ``improved``) and everything an exact resume needs.
-    Called on every rank (the RNG states are gathered); rank 0 writes."""
+def save_train_state(run_dir: Path, model, opts, hist: dict, epochs_done: int, bad_epochs: int, info: DistInfo,
+                     average: dict | None = None) -> None:
+    """End of an epoch: the last weights and everything an exact resume needs (the optimizer, every rank's
+    RNG, the weight average ``average`` if training keeps one). The best weights are written by ``train``
+    when they improve. Called on every rank (the RNG states are gathered); rank 0 writes."""
     rngs = all_gather_object(rng_state())  # every rank's RNG (its dropout stream): a resume is exact per rank
     if not info.is_main:
         return
-    if improved:
-        save_weights(model, run_dir / "model.safetensors")
     save_weights(model, run_dir / "last.safetensors")
     state = {"epochs_done": epochs_done, "bad_epochs": bad_epochs, "optim": opts.state_dict(), "rng": rngs,
-             "history": json.loads(json.dumps(hist, default=json_default))}
+             "history": json.loads(json.dumps(hist, default=json_default)), "average": average}
     atomic_write(run_dir / "train_state.pt", lambda p: torch.save(state, p))
 
 
 def load_train_state(run_dir: Path, model, opts, info: DistInfo):
     """Restore a run's last epoch into ``model`` and ``opts`` and this rank's RNG; returns
-    ``(epochs_done, bad_epochs, best_state, history)``."""
+    ``(epochs_done, bad_epochs, best_state, history, average)`` (``average``: the weight average's state
+    dict, None when the run keeps none)."""
     try:
         state = torch.load(run_dir / "train_state.pt", map_location="cpu", weights_only=True)
     except Exception as e:
@@ -207,7 +207,7 @@ def load_train_state(run_dir: Path, model, opts, info: DistInfo):
         load_weights(best, run_dir / "model.safetensors")
         best_state = best.state_dict()
     hist["epochs"] = hist["epochs"][:epochs_done]
-    return epochs_done, bad_epochs, best_state, hist
+    return epochs_done, bad_epochs, best_state, hist, state.get("average")
 
 
 def write_metrics(run_dir: Path, records: list[dict]) -> None:

@@ -195,6 +195,8 @@ TRAIN_FLAGS: dict[str, dict] = {
     "lr": dict(type=float, help="peak learning rate (default: 1e-3 for adamw; for paper 0.005 scaled by "
                "sqrt(candidates per step / 2048))"),
     "weight_decay": dict(type=float, help="AdamW weight decay of the dense matrices (default %(d)s; paper: none)"),
+    "ema": dict(type=float, help="decay per step of the moving average of the weights that is validated, saved "
+                "and returned; 0 = off (default %(d)s)"),
     "optimizer": dict(choices=OPTIMIZERS, help="adamw (default) or paper (Adagrad for the embedding tables + "
                       "RMSProp for the dense part)"),
     "embedding_lr": dict(type=float, help="learning rate of the embedding tables (default: 30 x lr for adamw, "

@@ -198,15 +198,19 @@ class TrainConfig:
     """How a model is trained (saved in the run's ``config.json``, restored by ``--resume``).
 
     The defaults are what ``onetrans-mini train`` uses for preset ``small`` on ML-100K (its time and
-    AUCs: see the README's results). What mattered most is the embedding tables' own learning rate
-    (``embedding_lr``); validation AUC peaks within a few epochs, hence ``epochs=4`` with early stopping.
+    AUCs: see the README's results; what each step of the recipe adds: ``benchmarks/recipe.py``). The
+    embedding tables get their own, larger learning rate (``embedding_lr``); the model memorises after a
+    few epochs, hence ``epochs=4`` with early stopping, weight decay 0.1 on the dense matrices and a
+    moving average of the weights (``ema``) as the model that is validated and kept.
     The model's history length is ``ModelConfig.max_len``, not a training knob.
     """
 
     epochs: int = 4
     batch_requests: int = 32  # requests per step PER PROCESS (each brings all its candidates)
     lr: float | None = None  # None: 1e-3 for adamw; for "paper" 0.005 scaled by sqrt(candidates per step / 2048)
-    weight_decay: float = 0.01  # AdamW, matrices only (not embeddings, norms, biases); "paper" uses none
+    weight_decay: float = 0.1  # AdamW, matrices only (not embeddings, norms, biases); "paper" uses none
+    # exponential moving average of the weights (decay per step; 0 = off): what is validated, saved and returned
+    ema: float = 0.995
     optimizer: str = "adamw"  # or "paper": Adagrad for the embedding tables + RMSProp for the dense part
     embedding_lr: float | None = None  # lr of the embedding tables; None: 30 x lr (adamw), 0.05 (paper's Adagrad)
     grad_clip: float | None = 1.0  # global grad-norm clip (adamw); dense part for "paper" (paper: 90); None: off
@@ -241,6 +245,7 @@ class TrainConfig:
         check(self.lr is None or self.lr > 0, f"lr must be > 0, got {self.lr!r}")
         check(self.embedding_lr is None or self.embedding_lr > 0, f"embedding_lr must be > 0, got {self.embedding_lr!r}")
         check(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay!r}")
+        check(0 <= self.ema < 1, f"ema is a decay per step in [0, 1) (0 = no weight average), got {self.ema!r}")
         for name in ("grad_clip", "grad_clip_embedding"):
             v = getattr(self, name)
             check(v is None or v > 0, f"{name} must be > 0 or None (no clipping), got {v!r}")

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .checkpoint import append_metrics, load_train_state, save_train_state, write_metrics
+from .checkpoint import append_metrics, load_train_state, save_train_state, save_weights, write_metrics
 from .config import OPTIMIZERS, SCHEDULES, TrainConfig, TrainError
 from .data import RequestData
 from .distributed import (
@@ -159,6 +159,46 @@ def make_optimizers(model: nn.Module, cfg: TrainConfig, lr: float) -> Optimizers
               {"params": emb, "weight_decay": 0.0, "lr": emb_lr}]
     return Optimizers([("all", torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=(0.9, 0.98)),
                         cfg.grad_clip)])
+
+
+class WeightAverage:
+    """An exponential moving average of a model's weights, updated after every optimizer step:
+    ``avg = d * avg + (1 - d) * weights``. It smooths the noise of the last few hundred steps out of the
+    weights that are validated, saved and returned. ``d`` warms up as ``min(decay, (1 + n) / (10 + n))``
+    after n updates, so that a short run is not averaged with its random initialization; non-float
+    buffers are copied as they are."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay = decay
+        self.updates = 0
+        self.weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        for k, v in model.state_dict().items():
+            if v.is_floating_point():
+                self.weights[k].lerp_(v, 1 - d)
+            else:
+                self.weights[k].copy_(v)
+        self.updates += 1
+
+    @contextlib.contextmanager
+    def applied(self, model: nn.Module):
+        """The model holds the average inside the block and its own weights again after it."""
+        own = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        model.load_state_dict(self.weights)
+        try:
+            yield model
+        finally:
+            model.load_state_dict(own)
+
+    def state_dict(self) -> dict:
+        return {"weights": self.weights, "updates": self.updates}
+
+    def load_state_dict(self, st: dict, device) -> None:
+        self.weights = {k: v.to(device) for k, v in st["weights"].items()}
+        self.updates = int(st["updates"])
 
 
 def lr_multiplier(cfg: TrainConfig, total_steps: int):
@@ -317,13 +357,19 @@ def train(model: nn.Module, data: RequestData, cfg: TrainConfig | None = None, r
     if cfg.compile:
         fwd = torch.compile(fwd)
 
+    average = WeightAverage(model, cfg.ema) if cfg.ema else None
     hist = {"epochs": [], "best_epoch": 0, "best_score": -float("inf"), "stopped_early": False,
             "train_seconds": 0.0, "max_len": max_len, "lr": lr, "device": str(device), "world_size": info.world_size}
     best_state = None
     bad_epochs = 0
     start_epoch = 0
     if resume:
-        start_epoch, bad_epochs, best_state, hist = load_train_state(run_dir, model, opts, info)
+        start_epoch, bad_epochs, best_state, hist, avg_state = load_train_state(run_dir, model, opts, info)
+        if (average is None) != (avg_state is None):
+            raise TrainError(f"{run_dir / 'train_state.pt'}: the run {'kept no' if avg_state is None else 'kept a'} "
+                             f"weight average, the config says ema={cfg.ema}; resume with the run's own config")
+        if average is not None:
+            average.load_state_dict(avg_state, device)
         if info.is_main:  # metrics.jsonl = the epochs the state knows, nothing after
             write_metrics(run_dir, hist["epochs"])
     elif run_dir is not None and info.is_main:
@@ -360,6 +406,8 @@ def train(model: nn.Module, data: RequestData, cfg: TrainConfig | None = None, r
             opts.clip()
             opts.step()
             opts.zero_grad()
+            if average is not None:
+                average.update(model)
             loss_sum += float(loss.detach()) * n_local
             n_seen += n_local
             step += 1
@@ -373,12 +421,17 @@ def train(model: nn.Module, data: RequestData, cfg: TrainConfig | None = None, r
         if info.enabled:
             loss_sum, n_seen = all_reduce_sum([loss_sum, float(n_seen)], device)
         train_s = time.perf_counter() - t0
-        val = evaluate(model, data, "val", cfg.eval_batch_requests, cfg.bf16) if len(data.request_ids("val")) else {}
-        score = _score(val, task0) if val else -(loss_sum / max(1, n_seen))
-        improved = score > hist["best_score"]
+        # validated, kept as the best and saved: the weight average when training keeps one
+        with average.applied(model) if average is not None else contextlib.nullcontext():
+            val = evaluate(model, data, "val", cfg.eval_batch_requests, cfg.bf16) if len(data.request_ids("val")) else {}
+            score = _score(val, task0) if val else -(loss_sum / max(1, n_seen))
+            improved = score > hist["best_score"]
+            if improved:
+                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                if run_dir is not None and info.is_main:
+                    save_weights(model, run_dir / "model.safetensors")
         if improved:
             hist["best_score"], hist["best_epoch"], bad_epochs = score, epoch + 1, 0
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         else:
             bad_epochs += 1
         if cfg.patience and bad_epochs >= cfg.patience:
@@ -403,7 +456,8 @@ def train(model: nn.Module, data: RequestData, cfg: TrainConfig | None = None, r
                   f"{'  (best)' if improved else ''}  [{rec['epoch_seconds']:.0f} s, {rec['samples_per_s']:,.0f} samples/s]",
                   file=sys.stderr, flush=True)
         if run_dir is not None:
-            save_train_state(run_dir, model, opts, hist, epoch + 1, bad_epochs, improved, info)
+            save_train_state(run_dir, model, opts, hist, epoch + 1, bad_epochs, info,
+                             average.state_dict() if average is not None else None)
             if info.is_main:
                 append_metrics(run_dir, rec)
     if best_state is not None:

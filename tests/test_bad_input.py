@@ -104,6 +104,8 @@ CLI_ROWS = [
      r"argument --max-len: must be an integer >= 1, got 'ten'", True),
     ("train-epochs-0", ["train", *TINY_RUN, "--epochs", "0", "--out", "T/run"], None, 2,
      r"epochs must be an integer >= 1", True),
+    ("train-ema-1", ["train", *TINY_RUN, "--ema", "1", "--out", "T/run"], None, 2,
+     r"ema is a decay per step in \[0, 1\)", True),
     ("train-threads-0", ["train", *TINY_RUN, "--threads", "0", "--out", "T/run"], None, 2,
      r"argument --threads: expected 'auto' or an integer >= 1, got '0'", True),
     ("replay-threads-not-a-number", ["replay", "--dataset", "synthetic-tiny", "--threads", "many"], None, 2,

@@ -163,6 +163,50 @@ def test_registry_builds_onetrans_and_names_what_exists(tiny_data):
 
 
 # ---------------------------------------------------------------------------------------------
+# the weight average
+
+
+def test_weight_average_follows_its_formula_and_applied_restores_the_weights(tiny_data):
+    from onetrans_mini.train import WeightAverage
+
+    model = fresh_model(tiny_data)
+    w0 = state(model)
+    avg = WeightAverage(model, decay=0.5)
+    avg.updates = 100  # past the warm-up: d = decay
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    avg.update(model)
+    w1 = state(model)
+    for k, v in w0.items():
+        if v.is_floating_point():
+            torch.testing.assert_close(avg.weights[k], 0.5 * v + 0.5 * w1[k])
+    with avg.applied(model):
+        assert_same_state(state(model), avg.weights)
+    assert_same_state(state(model), w1)
+    fresh = WeightAverage(model, decay=0.999)  # warm-up: the first update keeps 1/10 of the start
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    fresh.update(model)
+    k = next(k for k, v in w1.items() if v.is_floating_point())
+    torch.testing.assert_close(fresh.weights[k], 0.1 * w1[k] + 0.9 * state(model)[k])
+
+
+def test_training_returns_and_saves_the_average_it_validated(tiny_data, tmp_path):
+    """With ema the returned (best) weights are the average, not the last step's; ema=0 returns the raw ones."""
+    cfg = CFG.replace(epochs=1)
+    raw = fresh_model(tiny_data)
+    train(raw, tiny_data, cfg.replace(ema=0.0), progress=False)
+    averaged = fresh_model(tiny_data)
+    write_config(tmp_path, "onetrans", averaged, tiny_data, "synthetic-tiny", 0, cfg)
+    train(averaged, tiny_data, cfg, run_dir=tmp_path, progress=False)
+    last = load_file(tmp_path / "last.safetensors")  # the raw weights after the last step: those of the ema=0 run
+    assert_same_state(last, state(raw))
+    assert_same_state(load_file(tmp_path / "model.safetensors"), state(averaged))
+    assert any(not torch.equal(last[k], v) for k, v in state(averaged).items())
+
+
 # checkpoints: save / load / resume
 
 
@@ -259,6 +303,7 @@ TRAIN_FLAGS = {
     "batch_requests": (["--batch-requests", "7"], 7),
     "lr": (["--lr", "0.002"], 0.002),
     "weight_decay": (["--weight-decay", "0"], 0.0),
+    "ema": (["--ema", "0"], 0.0),
     "optimizer": (["--optimizer", "paper"], "paper"),
     "embedding_lr": (["--embedding-lr", "0.5"], 0.5),
     "grad_clip": (["--grad-clip", "0"], None),
