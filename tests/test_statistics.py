@@ -108,6 +108,11 @@ def _build(inter, users, items):
     return build_requests(inter, SCHEMA, data_config("tiny"), users=users, items=items, name="tiny")
 
 
+def source_rows(inter):
+    """The interactions' index in the order of the prepared candidates (sorted by user, time, then file row)."""
+    return inter.sort_values(["user", "timestamp"], kind="mergesort").index.to_numpy()
+
+
 def _raw(data):
     return np.stack([data.candidates[f"stat:{f.name}"] for f in STATS], axis=1)  # (N, n_stats)
 
@@ -126,8 +131,7 @@ def test_flipping_a_requests_labels_leaves_its_own_statistics_unchanged(world):
         rid = data.request_ids(split)[5]
         rows = np.arange(data.requests["cand_start"][rid], data.requests["cand_end"][rid])
         # rows of the prepared table are the interactions sorted by (user, timestamp, row): find them back
-        key = pd.MultiIndex.from_arrays([inter["user"], inter["timestamp"]])
-        mine = key.isin(list(zip(np.asarray(data.info["user_ids"])[C["user"][rows]], C["timestamp"][rows])))
+        mine = source_rows(inter)[rows]
         flipped = inter.copy()
         for task in ("click", "purchase"):
             flipped.loc[mine, task] = 1 - flipped.loc[mine, task]
@@ -140,9 +144,7 @@ def test_flipping_a_requests_labels_leaves_its_own_statistics_unchanged(world):
 
 def test_test_labels_reach_no_training_statistic_and_no_earlier_history(world):
     inter, users, items, data = world
-    rows = data.candidate_rows("test")
-    key = pd.MultiIndex.from_arrays([inter["user"], inter["timestamp"]])
-    is_test = key.isin(list(zip(np.asarray(data.info["user_ids"])[data.candidates["user"][rows]], data.candidates["timestamp"][rows])))
+    is_test = source_rows(inter)[data.candidate_rows("test")]
     shuffled = inter.copy()
     shuffled.loc[is_test, "click"] = np.random.default_rng(0).permutation(shuffled.loc[is_test, "click"].to_numpy())
     again = _raw(_build(shuffled, users, items))
