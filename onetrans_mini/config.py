@@ -267,8 +267,10 @@ class TrainConfig:
     def from_dict(cls, d: dict) -> "TrainConfig":
         """From a run's ``config.json``. Run folders written before the history length moved to
         ``ModelConfig`` (and activation checkpointing to the model) still load: those fields are dropped,
-        and their boolean ``bf16`` (on CUDA only) becomes ``"auto"`` / ``"off"``."""
+        and their boolean ``bf16`` (on CUDA only) becomes ``"auto"`` / ``"off"``; a run from before the weight
+        average (no ``ema`` field) kept none, so it resumes with ``ema=0``."""
         d = {k: v for k, v in d.items() if k not in ("max_len", "activation_checkpointing")}
+        d.setdefault("ema", 0.0)
         if isinstance(d.get("bf16"), bool):
             d["bf16"] = "auto" if d["bf16"] else "off"
         names = {f.name for f in dataclasses.fields(cls)}

@@ -127,6 +127,8 @@ def test_batches_use_the_model_max_len(tiny_data):
 def test_old_run_configs_still_load():
     old = dataclasses.asdict(TrainConfig()) | {"bf16": True, "max_len": 64, "activation_checkpointing": False}
     assert TrainConfig.from_dict(old) == TrainConfig()
+    before_ema = {k: v for k, v in old.items() if k != "ema"}  # a run that kept no weight average resumes without
+    assert TrainConfig.from_dict(before_ema) == TrainConfig(ema=0.0)
     assert TrainConfig.from_dict(old | {"bf16": False}).bf16 == "off"
     with pytest.raises(TrainError, match=r"unknown field\(s\) \['lr_typo'\]"):
         TrainConfig.from_dict({"lr_typo": 1})
