@@ -125,7 +125,6 @@ class HistoryStat:
         return "item" if self.match else "user"  # per candidate with a match, else per request
 
 
-Statistic = TrainingStat | HistoryStat
 NSFeature = Categorical | Bucketized | MultiCategorical | TrainingStat | HistoryStat
 
 
