@@ -390,7 +390,7 @@ def run_suite(suite: SuiteConfig | str, device="cpu", sections=tuple(SECTIONS), 
     device = torch.device(device)
     t_start = time.perf_counter()
     out = {"schema": SCHEMA_VERSION, "suite_name": name, "suite": dataclasses.asdict(suite),
-           "hardware": {"device": device.type, "description": hardware(), "threads": torch.get_num_threads(),
+           "hardware": {"device": device.type, "description": hardware(device), "threads": torch.get_num_threads(),
                         "cpu_capability": torch.backends.cpu.get_cpu_capability(),  # AVX2: no bf16 arithmetic
                         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"), "torch": torch.__version__,
                         "load_average_start": os.getloadavg()[0], "date": time.strftime("%Y-%m-%d %H:%M:%S")},

@@ -1,7 +1,9 @@
-"""What every notebook's first cell calls: seeds, plot style, smoke mode, and the hardware line.
+"""What every notebook's first cell calls: seeds, plot style, smoke mode, and where the computation runs.
 
 Smoke mode (``ONETRANS_SMOKE=1``, or ``CI`` set) shrinks data and training so the whole course runs
 under nbval in CI in about a minute per notebook; committed notebooks are executed at full size.
+On a machine with a GPU a notebook computes there and, where it says so with ``pick(..., gpu=...)``,
+runs a larger size by itself.
 """
 
 from __future__ import annotations
@@ -14,31 +16,50 @@ import torch
 from .train import seed_everything  # noqa: F401  (the trainer's, re-exported for the first cell)
 
 SMOKE = os.environ.get("ONETRANS_SMOKE", "").lower() in ("1", "true", "yes") or os.environ.get("CI", "").lower() in ("1", "true")
+GPU = torch.cuda.is_available()
 
 
-def pick(full, smoke):
-    """``full`` normally, ``smoke`` in smoke mode: ``n_epochs = pick(5, 1)``."""
-    return smoke if SMOKE else full
+def pick(full, smoke, gpu=None):
+    """``smoke`` in smoke mode; else ``gpu`` when given and a GPU is present; else ``full``.
+
+    ``n_epochs = pick(3, 1)``; ``max_len = pick(128, 16, gpu=512)`` (a size the CPU run could not afford).
+    """
+    if SMOKE:
+        return smoke
+    return gpu if gpu is not None and GPU else full
 
 
-def hardware() -> str:
-    """One line naming what this notebook's outputs were produced on."""
-    if torch.cuda.is_available():
-        return f"GPU: {torch.cuda.get_device_name(0)} (torch {torch.__version__}, CUDA {torch.version.cuda})"
-    cpu = platform.processor() or platform.machine()
+def _cpu_name() -> str:
+    name = platform.processor() or platform.machine()
     try:
         for line in open("/proc/cpuinfo"):
             if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+                return line.split(":", 1)[1].strip()
     except OSError:
         pass
+    return name
+
+
+def hardware(device: torch.device | str | None = None) -> str:
+    """One line naming what a computation on ``device`` runs on (default: the GPU when there is one)."""
+    device = torch.device(device if device is not None else ("cuda" if GPU else "cpu"))
+    if device.type == "cuda":
+        return f"GPU: {torch.cuda.get_device_name(device)} (torch {torch.__version__}, CUDA {torch.version.cuda})"
     n = torch.get_num_threads()
-    return f"CPU: {cpu}, {n} thread{'s' if n != 1 else ''} (torch {torch.__version__})"
+    return f"CPU: {_cpu_name()}, {n} thread{'s' if n != 1 else ''} (torch {torch.__version__})"
 
 
-def setup(seed: int = 0) -> None:
-    """Seed everything, set the plot style shared by all notebooks, print hardware and mode."""
+def setup(seed: int = 0, device: str = "auto") -> torch.device:
+    """Seed everything, set the plot style shared by all notebooks, and say where this notebook computes.
+
+    ``device="auto"`` is the GPU when one is present, else the CPU; ``device="cpu"`` is for notebooks that
+    only make sense on a CPU (they say why). Returns the device, for the notebook to use.
+    """
+    if device not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"setup(device={device!r}): expected 'auto', 'cpu' or 'cuda'")
+    if device == "cuda" and not GPU:
+        raise ValueError(f"setup(device='cuda'): no GPU visible to torch {torch.__version__}; use device='auto'")
+    dev = torch.device("cuda" if device == "cuda" or (device == "auto" and GPU) else "cpu")
     seed_everything(seed)
     try:
         import seaborn as sns
@@ -46,4 +67,6 @@ def setup(seed: int = 0) -> None:
         sns.set_theme(context="notebook", style="whitegrid", palette="deep")
     except ImportError:  # plots are optional for library users
         pass
-    print(f"running on {hardware()}; smoke mode: {SMOKE}")
+    note = "" if dev.type == "cuda" or not GPU else " (a GPU is present, but this notebook computes on the CPU)"
+    print(f"computing on {hardware(dev)}{note}; smoke mode: {SMOKE}")
+    return dev
