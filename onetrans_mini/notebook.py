@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import platform
+from pathlib import Path
 
 import torch
 
@@ -27,6 +28,20 @@ def pick(full, smoke, gpu=None):
     if SMOKE:
         return smoke
     return gpu if gpu is not None and GPU else full
+
+
+def run_folder(name: str) -> Path:
+    """Where a notebook saves a run that a later notebook loads: ``<project>/runs/course/<name>``.
+
+    ``ONETRANS_RUNS_DIR`` replaces ``<project>/runs``. Smoke runs get their own folder (``<name>-smoke``),
+    so a quick CI pass never replaces the full run a reader's later notebook loads.
+    """
+    root = os.environ.get("ONETRANS_RUNS_DIR")
+    if root is None:
+        here = Path.cwd().resolve()
+        project = next((d for d in (here, *here.parents) if (d / "pyproject.toml").is_file()), here)
+        root = project / "runs"
+    return Path(root) / "course" / (f"{name}-smoke" if SMOKE else name)
 
 
 def _cpu_name() -> str:
