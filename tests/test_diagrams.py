@@ -27,7 +27,7 @@ def test_the_highlighted_part_is_the_one_in_colour():
     assert _count(towers, diagrams.S_COLOR) == 0
     mask_s_cells = 1 + 2 + 3 + 4  # everything in colour adds the causal mask: its 4 S rows see 1..4 columns
     assert _count(diagrams.architecture(), diagrams.S_COLOR) == diagrams.N_S + sum(diagrams.LAYER_S) + mask_s_cells
-    assert "this notebook: block" in block.axes[0].get_title()
+    assert "this notebook: block" in block.axes[0].get_title(loc="left")
     plt.close("all")
 
 
