@@ -1,6 +1,8 @@
-"""Issue 14's ladder: what each change of the recipe adds, one at a time, on the same split and seed.
+"""Issue 14's ladder: what each change of the recipe adds, one at a time, on the same split and seed;
+and (``--sweep``) what one knob changes around today's default.
 
     python benchmarks/recipe.py [--dataset movielens-100k] [--seed 0] [--jobs 2] [--out benchmarks/results]
+    python benchmarks/recipe.py --sweep [--dataset movielens-100k] ...
 
 Rungs (each adds one change to the one above; the last is today's `onetrans-mini train` default):
 
@@ -9,9 +11,15 @@ Rungs (each adds one change to the one above; the last is today's `onetrans-mini
 3. ``+ weight decay 0.1``;
 4. ``+ weight average``: the exponential moving average of the weights (``TrainConfig.ema``): the default.
 
-Every rung trains OneTrans ``small`` with ``train()`` in its own process (``--jobs`` at once, one thread
+The sweep (``SWEEP``) changes one thing of the default at a time: the history length, the width, the
+depth, the number of epochs, and the request grouping (``DataConfig.session_gap`` / ``max_candidates``:
+how a user's ratings become requests; these change the requests, so the test candidates differ a little).
+
+Every rung or point trains OneTrans ``small`` with ``train()`` in its own process (``--jobs`` at once, one thread
 each) and reports test AUC / UAUC / logloss per task, the best epoch and the per-epoch train loss and
-validation AUC (the learning curve). Writes ``recipe-<dataset>.json`` and ``.md`` to ``--out``.
+validation AUC (the learning curve), and how far training moved the id embedding tables (relative
+Frobenius change, and the median row change of the most and least frequent quarter of the ids). Writes
+``recipe-<dataset>.json`` / ``sweep-<dataset>.json`` and ``.md`` to ``--out``.
 """
 
 from __future__ import annotations
@@ -32,8 +40,46 @@ RUNGS = {
     "+ weight average (default)": dict(stats=True),
 }
 
+# one knob at a time around the default: model (ModelConfig fields), data (DataConfig), train (TrainConfig)
+SWEEP = {
+    "default": {},
+    "history 32": dict(model=dict(max_len=32)),
+    "history 64": dict(model=dict(max_len=64)),
+    "history 256": dict(model=dict(max_len=256), data=dict(max_len=256)),
+    "width 32": dict(model=dict(d_model=32)),
+    "width 128": dict(model=dict(d_model=128)),
+    "depth 2": dict(model=dict(n_layers=2)),
+    "depth 4": dict(model=dict(n_layers=4)),
+    "epochs 8": dict(train=dict(epochs=8, patience=8)),
+    "requests: one rating each": dict(data=dict(max_candidates=1)),
+    "requests: a day, up to 64": dict(data=dict(session_gap=86400.0, max_candidates=64)),
+}
 
-def worker(dataset: str, rung: str, seed: int) -> dict:
+
+def embedding_movement(model, before: dict, data, task_rows: str = "train") -> dict:
+    """How far training moved each id table: ||E - E0|| / ||E0|| over the ids seen in training, and the
+    median per-row relative change of the most and least frequent quarter of those ids."""
+    import torch
+
+    out = {}
+    for name, e0 in before.items():
+        counts = torch.zeros(len(e0))
+        for batch in data.loader(task_rows, 256, shuffle=False):
+            counts += torch.bincount(batch.ns[name].flatten(), minlength=len(e0))[: len(e0)].float()
+        seen = torch.nonzero(counts > 0).flatten()
+        e1 = model.tokenizer.embeddings.tables[name].weight.detach()
+        rel = ((e1 - e0).norm(dim=1) / e0.norm(dim=1))[seen]
+        order = seen[torch.argsort(counts[seen])]
+        q = max(1, len(order) // 4)
+        row = dict(zip(seen.tolist(), rel.tolist()))
+        out[name] = {"relative_change": float((e1 - e0)[seen].norm() / e0[seen].norm()),
+                     "rare_quarter_median": float(torch.tensor([row[i] for i in order[:q].tolist()]).median()),
+                     "frequent_quarter_median": float(torch.tensor([row[i] for i in order[-q:].tolist()]).median()),
+                     "ids_seen": len(seen)}
+    return out
+
+
+def worker(dataset: str, rung: str, seed: int, sweep: bool = False) -> dict:
     import torch
 
     from onetrans_mini.config import TrainConfig, get_preset
@@ -45,9 +91,11 @@ def worker(dataset: str, rung: str, seed: int) -> dict:
     from onetrans_mini.train import evaluate, train
 
     torch.set_num_threads(1)
-    spec = dict(RUNGS[rung])
-    stats = spec.pop("stats")
+    point = SWEEP[rung] if sweep else {"train": {k: v for k, v in RUNGS[rung].items() if k != "stats"}}
+    spec, stats = dict(point.get("train", {})), True if sweep else RUNGS[rung]["stats"]
     data = load_dataset(dataset, progress=False)
+    if point.get("data"):
+        data = load_dataset(dataset, config=dataclasses.replace(data.config, **point["data"]), progress=False)
     if not stats:
         if dataset != "movielens-100k":
             raise SystemExit("the rung without statistics is built for movielens-100k only")
@@ -57,7 +105,10 @@ def worker(dataset: str, rung: str, seed: int) -> dict:
         data = build_requests(inter, schema, data.config, users=users, items=items, name=dataset)
     cfg = TrainConfig(seed=seed, **spec)
     torch.manual_seed(seed)
-    model = OneTrans(get_preset("small", max_len=min(128, data.config.max_len)), data.schema, data.vocab_sizes())
+    model_spec = {"max_len": min(128, data.config.max_len), **point.get("model", {})}
+    model = OneTrans(get_preset("small", **model_spec), data.schema, data.vocab_sizes())
+    ids = [f.name for f in data.schema.ns_features if f.name in ("user_id", "item_id")]
+    before = {n: model.tokenizer.embeddings.tables[n].weight.detach().clone() for n in ids}
     t0 = time.perf_counter()
     hist = train(model, data, cfg, progress=False)
     test = evaluate(model, data, "test")
@@ -66,7 +117,10 @@ def worker(dataset: str, rung: str, seed: int) -> dict:
             "seconds": time.perf_counter() - t0, "best_epoch": hist["best_epoch"],
             "curve": [{"epoch": e["epoch"], "train_loss": e["train_loss"], f"val_{task0}_auc": e["val"][task0]["auc"]}
                       for e in hist["epochs"]],
-            "test": {t: {k: m[k] for k in ("auc", "uauc", "logloss")} for t, m in test.items()}}
+            "test": {t: {k: m[k] for k in ("auc", "uauc", "logloss")} for t, m in test.items()},
+            "model": model_spec, "data": point.get("data", {}), "params": model.num_params(),
+            "test_candidates": len(data.candidate_rows("test")),
+            "embedding_movement": embedding_movement(model, before, data)}
 
 
 def main(argv=None) -> int:
@@ -75,27 +129,30 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--out", default=None)
+    p.add_argument("--sweep", action="store_true", help="one knob at a time around the default (SWEEP) instead of the ladder")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
-        print(json.dumps(worker(args.dataset, args.worker, args.seed)))
+        print(json.dumps(worker(args.dataset, args.worker, args.seed, args.sweep)))
         return 0
 
     def run(rung):
-        cmd = [sys.executable, __file__, "--dataset", args.dataset, "--seed", str(args.seed), "--worker", rung]
+        cmd = [sys.executable, __file__, "--dataset", args.dataset, "--seed", str(args.seed), "--worker", rung,
+               *(["--sweep"] if args.sweep else [])]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode:
             raise SystemExit(f"rung {rung!r} failed:\n{proc.stderr[-2000:]}")
         return json.loads(proc.stdout.strip().splitlines()[-1])
 
     with ThreadPoolExecutor(args.jobs) as pool:
-        rows = list(pool.map(run, RUNGS))
-    res = {"dataset": args.dataset, "seed": args.seed, "date": time.strftime("%Y-%m-%d"), "rows": rows}
+        rows = list(pool.map(run, SWEEP if args.sweep else RUNGS))
+    kind = "sweep" if args.sweep else "recipe"
+    res = {"dataset": args.dataset, "seed": args.seed, "date": time.strftime("%Y-%m-%d"), "kind": kind, "rows": rows}
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        (out / f"recipe-{args.dataset}.json").write_text(json.dumps(res, indent=1) + "\n")
-        (out / f"recipe-{args.dataset}.md").write_text(markdown(res))
+        (out / f"{kind}-{args.dataset}.json").write_text(json.dumps(res, indent=1) + "\n")
+        (out / f"{kind}-{args.dataset}.md").write_text(markdown(res))
     print(markdown(res))
     return 0
 
@@ -103,15 +160,22 @@ def main(argv=None) -> int:
 def markdown(res: dict) -> str:
     tasks = list(res["rows"][0]["test"])
     head = " | ".join(f"{t} AUC | {t} UAUC" for t in tasks)
-    lines = [f"# The recipe, one change at a time: OneTrans `small` on {res['dataset']}, seed {res['seed']}", "",
-             f"| rung | {head} | best epoch | val AUC per epoch | train loss per epoch |",
-             "|---|" + "---:|" * (2 * len(tasks)) + "---:|---|---|"]
+    sweep = res.get("kind") == "sweep"
+    title = ("One knob at a time around the default" if sweep else "The recipe, one change at a time")
+    move = " | item_id moved (rare / frequent quarter) |" if sweep else " |"
+    lines = [f"# {title}: OneTrans `small` on {res['dataset']}, seed {res['seed']}", "",
+             f"| {'point' if sweep else 'rung'} | {head} | best epoch | val AUC per epoch | train loss per epoch{move}",
+             "|---|" + "---:|" * (2 * len(tasks)) + "---:|---|---|" + ("---|" if sweep else "")]
     for r in res["rows"]:
         cells = " | ".join(f"{r['test'][t]['auc']:.4f} | {r['test'][t]['uauc']:.4f}" for t in tasks)
         key = [k for k in r["curve"][0] if k.startswith("val_")][0]
         val = " ".join(f"{e[key]:.4f}" for e in r["curve"])
         loss = " ".join(f"{e['train_loss']:.3f}" for e in r["curve"])
-        lines.append(f"| {r['rung']} | {cells} | {r['best_epoch']} | {val} | {loss} |")
+        row = f"| {r['rung']} | {cells} | {r['best_epoch']} | {val} | {loss} |"
+        if sweep:
+            m = r["embedding_movement"]["item_id"]
+            row += f" {m['relative_change']:.2f} ({m['rare_quarter_median']:.2f} / {m['frequent_quarter_median']:.2f}) |"
+        lines.append(row)
     return "\n".join(lines) + "\n"
 
 

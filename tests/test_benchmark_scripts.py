@@ -29,3 +29,32 @@ def test_model_scaling_refuses_a_budget_beyond_one_epoch(tmp_path):
            "--candidates", "10000000", "--sizes", "d16-L2"]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode != 0 and "more than one epoch" in proc.stderr
+
+
+def test_the_sweep_measures_how_far_the_id_tables_moved():
+    """recipe.py --sweep reports the id tables' movement: scaling one table by 1.5 moves it by 0.5, every
+    row alike; the untouched table did not move."""
+    import importlib.util
+
+    import torch
+
+    from onetrans_mini.config import get_preset
+    from onetrans_mini.data import load_dataset
+    from onetrans_mini.model import OneTrans
+
+    spec = importlib.util.spec_from_file_location("recipe", ROOT / "benchmarks" / "recipe.py")
+    recipe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recipe)
+    data = load_dataset("synthetic-tiny")
+    model = OneTrans(get_preset("nano"), data.schema, data.vocab_sizes())
+    tables = model.tokenizer.embeddings.tables
+    before = {n: tables[n].weight.detach().clone() for n in ("user_id", "item_id")}
+    with torch.no_grad():
+        tables["item_id"].weight.mul_(1.5)
+    moved = recipe.embedding_movement(model, before, data)
+    assert moved["user_id"]["relative_change"] == 0.0
+    item = moved["item_id"]
+    assert abs(item["relative_change"] - 0.5) < 1e-6
+    assert abs(item["rare_quarter_median"] - 0.5) < 1e-6 and abs(item["frequent_quarter_median"] - 0.5) < 1e-6
+    assert 0 < item["ids_seen"] <= len(before["item_id"])
+    assert set(recipe.SWEEP) >= {"default", "history 256", "width 128", "depth 4", "requests: one rating each"}
