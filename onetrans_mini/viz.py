@@ -12,10 +12,12 @@ Read attention back the annotated-transformer way: the model keeps its probabili
 Two kinds of functions, kept apart so that the numbers are testable without a screen:
 
 - **numbers** (torch / numpy / pandas only): ``ns_query_mass``, ``ns_to_s_table``, ``attention_by_recency``,
-  ``attention_by_group``, ``s_to_s_by_offset``, ``pyramid_kept``, ``feature_match``, ``id_to_value``;
+  ``attention_by_group``, ``attention_by_distance``, ``s_to_s_by_offset``, ``pyramid_kept``, ``feature_match``,
+  ``id_to_value``;
 - **pictures** (matplotlib, imported inside each function, so the library works without it; they return
   the ``Axes`` or ``Figure`` they drew): ``ns_to_s_heatmap``, ``ns_to_s_grid``, ``s_to_s_heatmap``,
-  ``attention_mask_plot``, ``pyramid_kept_plot``, ``recency_plot``, ``group_plot``, ``learning_curves``.
+  ``attention_mask_plot``, ``lift_heatmap``, ``pyramid_kept_plot``, ``recency_plot``, ``group_plot``,
+  ``learning_curves``. Every heatmap draws its colour bar unless told ``colorbar=False``.
 
 Conventions. ``maps`` is what ONE forward under ``capture_attention`` recorded (one ``AttentionMap`` per
 layer). Its rows ``N`` are the forward's sequences: the candidates (``N = B``) in the model's full forward,
@@ -287,6 +289,21 @@ def attention_by_group(table: pd.DataFrame, column: str, by=None) -> pd.DataFram
     return _summarize(table, _group_keys(table, by), column)
 
 
+def attention_by_distance(table: pd.DataFrame, column: str | None = None, by=None,
+                          max_distance: int | None = None) -> pd.DataFrame:
+    """NS->S attention per single distance from the newest event (0, 1, 2, ...), per layer, optionally split
+    by an event attribute ``column`` (e.g. ``match``): the numbers behind ``lift_heatmap``.
+
+    Same columns as ``attention_by_group`` with ``distance`` as the group (``share`` and ``uniform_share`` are
+    shares within each (by..., column, layer) group); ``max_distance`` keeps distances up to it (inclusive).
+    """
+    outer = [column] if column is not None else []
+    if column is not None and column not in table.columns:
+        raise ValueError(f"column {column!r} is not in the table (columns: {list(table.columns)})")
+    t = table if max_distance is None else table[table["distance"] <= max_distance]
+    return _summarize(t, outer + _group_keys(t, by), "distance")
+
+
 def recent_share(table: pd.DataFrame, k: int = 16, by=None) -> pd.DataFrame:
     """Per layer: the share of NS->S attention mass on the ``k`` most recent events (``share``) and what
     uniform attention would give (``uniform_share``)."""
@@ -418,13 +435,13 @@ def _row_probs(m: AttentionMap, row: int, head: int | None) -> np.ndarray:
 LIFT_MAX = 3.0  # lift colour scales saturate here
 
 
-def _color(scale: str, cmap: str | None, vmax: float | None):
+def _color(scale: str, cmap: str | None, vmax: float | None, vmin: float | None = None):
     """(colormap, norm) of a heatmap: probabilities from 0 (sequential), or lift around 1 (diverging: blue =
-    less than uniform, white = uniform, red = more)."""
+    less than uniform, white = uniform, red = more; from ``vmin`` (default 0) to ``vmax`` (default LIFT_MAX))."""
     import matplotlib.colors as mcolors
 
     if scale == "lift":
-        return _cmap(cmap or "RdBu_r"), mcolors.TwoSlopeNorm(vmin=0.0, vcenter=1.0, vmax=vmax or LIFT_MAX)
+        return _cmap(cmap or "RdBu_r"), mcolors.TwoSlopeNorm(vmin=vmin or 0.0, vcenter=1.0, vmax=vmax or LIFT_MAX)
     if scale in ("prob", "log"):
         return _cmap(cmap or "rocket_r"), None
     raise ValueError(f"scale must be 'prob', 'lift' (or 'log' for S->S), got {scale!r}")
@@ -466,11 +483,11 @@ def ns_to_s_heatmap(maps, layer: int, head: int | None = None, candidate: int = 
 
 
 def ns_to_s_grid(maps, batch=None, candidate: int = 0, layers=None, heads: bool = True, scale: str = "lift",
-                 cmap: str | None = None, vmax: float | None = None, panel=(3.6, 2.0)):
+                 cmap: str | None = None, vmax: float | None = None, panel=(3.6, 2.0), colorbar: bool = True):
     """NS->S heatmaps of one candidate for every layer (rows) and head (columns, then their mean).
     All panels share the x axis (events back from the newest), so the pyramid's shrinking key window shows.
-    With ``scale="lift"`` (default) all panels share one colour scale (and one colour bar); with
-    ``scale="prob"`` each panel has its own. Returns the Figure."""
+    With ``scale="lift"`` (default) all panels share one colour scale (and one colour bar, at the right); with
+    ``scale="prob"`` each panel has its own scale and its own colour bar. Returns the Figure."""
     import matplotlib.pyplot as plt
 
     sel = _select(maps, layers)
@@ -483,13 +500,13 @@ def ns_to_s_grid(maps, batch=None, candidate: int = 0, layers=None, heads: bool 
         for j, h in enumerate(cols):
             ax = axes[i, j]
             ns_to_s_heatmap(maps, m.layer, h, candidate, batch, ax=ax, scale=scale, cmap=cmap, vmax=vmax,
-                            xlim=max(widest, 1), colorbar=False)
+                            xlim=max(widest, 1), colorbar=colorbar and scale != "lift")
             if j:
                 ax.set_yticklabels([])
             if i < len(sel) - 1:
                 ax.set_xlabel("")
     fig.tight_layout(rect=(0, 0, 1 - 0.6 / fig.get_figwidth(), 1))
-    if scale == "lift":
+    if colorbar and scale == "lift":
         cax = fig.add_axes((1 - 0.5 / fig.get_figwidth(), 0.15, 0.12 / fig.get_figwidth(), 0.7))
         fig.colorbar(axes[0, 0].images[0], cax=cax, label="lift (1 = uniform)")
     return fig
@@ -527,15 +544,15 @@ def s_to_s_heatmap(maps, layer: int, head: int | None = None, candidate: int = 0
     ax.set_title(f"S->S, layer {m.layer}, " + ("mean of heads" if head is None else f"head {head}") + f" ({what})",
                  fontsize=10)
     if colorbar:
-        ax.figure.colorbar(im, ax=ax, fraction=0.04, pad=0.01)
+        ax.figure.colorbar(im, ax=ax, fraction=0.04, pad=0.01, label=what)
     return ax
 
 
 def attention_mask_plot(maps, layer: int = 0, candidate: int = 0, batch=None, ax=None, probs: bool = True,
-                        causal: bool = True, cmap: str = "rocket_r"):
+                        causal: bool = True, cmap: str = "rocket_r", colorbar: bool = True):
     """The whole (Q, K) picture of one row at ``layer``: cells the mask forbids in light grey, allowed cells
-    coloured by the probability (heads averaged; ``probs=False``: one colour), lines between S and NS.
-    Without ``batch`` every S key counts as real. Returns the Axes."""
+    coloured by the probability (heads averaged, with a colour bar; ``probs=False``: one colour, no bar), lines
+    between S and NS. Without ``batch`` every S key counts as real. Returns the Axes."""
     import matplotlib.colors as mcolors
 
     m = get_map(maps, layer)
@@ -549,8 +566,8 @@ def attention_mask_plot(maps, layer: int = 0, candidate: int = 0, batch=None, ax
     # colour scale: up to the 99th percentile of the allowed cells, so that the few queries that see one key only
     # (padding, the first real event: probability 1 on themselves) do not wash out everything else
     vmax = float(np.quantile(val[allowed], 0.99)) if probs else 1.0
-    ax.imshow(np.where(allowed, val, np.nan), cmap=_cmap(cmap) if probs else mcolors.ListedColormap(["tab:blue"]),
-              interpolation="nearest", aspect="auto", vmin=0, vmax=vmax)
+    im = ax.imshow(np.where(allowed, val, np.nan), cmap=_cmap(cmap) if probs else mcolors.ListedColormap(["tab:blue"]),
+                   interpolation="nearest", aspect="auto", vmin=0, vmax=vmax)
     ax.grid(False)
     _integer_ticks(ax.xaxis, ax.yaxis)
     ax.axvline(m.n_s_keys - 0.5, color="k", lw=1)
@@ -558,6 +575,38 @@ def attention_mask_plot(maps, layer: int = 0, candidate: int = 0, batch=None, ax
     ax.set_xlabel(f"keys: {m.n_s_keys} S | {m.n_ns} NS")
     ax.set_ylabel(f"queries: {m.n_s_queries} S | {m.n_ns} NS")
     ax.set_title(f"layer {m.layer}: mask (grey = forbidden)" + (" and probabilities" if probs else ""), fontsize=10)
+    if colorbar and probs:
+        # the arrow (extend="max"): the scale is capped at the 99th percentile of the allowed cells
+        ax.figure.colorbar(im, ax=ax, fraction=0.04, pad=0.01, label="probability", extend="max")
+    return ax
+
+
+def lift_heatmap(df: pd.DataFrame, column: str, layer: int = 0, ax=None, cmap: str | None = None,
+                 vmin: float | None = None, vmax: float | None = None, colorbar: bool = True, label=None):
+    """``attention_by_distance(table, column)`` drawn for one layer: one row per value of ``column`` (e.g.
+    ``match`` False / True), one column per distance from the newest event (0 at the left), coloured by the mean
+    lift (white = uniform attention, red = more, blue = less; ``vmin`` < 1 < ``vmax`` narrow the scale to show
+    small effects, values beyond them take the end colours). ``label`` maps row values to names. Returns the
+    Axes."""
+    if "head" in df.columns:
+        df = df.groupby([column, "layer", "distance"], observed=True)[["lift"]].mean().reset_index()
+    g = df[df["layer"] == layer]
+    if g.empty:
+        raise ValueError(f"no rows of layer {layer} (layers: {sorted(df['layer'].unique())})")
+    grid = g.pivot_table(index=column, columns="distance", values="lift", observed=True)
+    grid = grid.reindex(columns=range(int(g["distance"].max()) + 1))  # distances no event had: blank
+    colors, norm = _color("lift", cmap, vmax, vmin)
+    ax = _axes(ax, (8, 0.5 * len(grid) + 1.2))
+    im = ax.imshow(grid.to_numpy(), aspect="auto", interpolation="nearest", cmap=colors, norm=norm)
+    ax.grid(False)
+    ax.set_yticks(range(len(grid)))
+    ax.set_yticklabels([str(label(v) if callable(label) else (label or {}).get(v, v)) for v in grid.index], fontsize=8)
+    _integer_ticks(ax.xaxis)
+    ax.set_xlabel("history event (0 = newest)")
+    ax.set_title(f"layer {layer}: mean lift by distance and {column}", fontsize=10)
+    if colorbar:
+        ax.figure.colorbar(im, ax=ax, fraction=0.04, pad=0.01, label="lift",
+                           extend="both" if vmin is not None or vmax is not None else "neither")
     return ax
 
 

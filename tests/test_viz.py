@@ -138,6 +138,30 @@ def test_attention_by_group_and_extra_keys():
         viz.attention_by_group(t, "nope")
 
 
+def test_attention_by_distance_and_its_heatmap():
+    t = viz.ns_to_s_table(_map(), _batch(), match=viz.feature_match(_batch(), VOCABS))
+    d = viz.attention_by_distance(t, "match")
+    # one row per (match, layer, distance) that has events; lift = the mean lift of those events
+    assert len(d) == len(t.groupby(["match", "distance"]))
+    for _, r in d.iterrows():
+        sel = t[(t.match == r.match) & (t.distance == r.distance)]
+        assert r.events == len(sel) and r.lift == pytest.approx(sel.lift.mean())
+    np.testing.assert_allclose(d.groupby("match").share.sum(), 1.0)  # shares within each match group
+    assert viz.attention_by_distance(t, max_distance=1).distance.tolist() == [0, 1]
+    with pytest.raises(ValueError, match="not in the table"):
+        viz.attention_by_distance(t, "nope")
+    ax = viz.lift_heatmap(d, "match", label={True: "same genre", False: "other"})
+    shown = np.asarray(ax.images[0].get_array())
+    assert shown.shape == (2, int(t.distance.max()) + 1)  # False, True x distances 0..3
+    assert shown[1, 0] == pytest.approx(d[(d.match) & (d.distance == 0)].lift.iloc[0])
+    assert [x.get_text() for x in ax.get_yticklabels()] == ["other", "same genre"]
+    narrow = viz.lift_heatmap(d, "match", vmin=0.5, vmax=1.5)
+    assert (narrow.images[0].norm.vmin, narrow.images[0].norm.vcenter, narrow.images[0].norm.vmax) == (0.5, 1.0, 1.5)
+    with pytest.raises(ValueError, match="layer 5"):
+        viz.lift_heatmap(d, "match", layer=5)
+    plt.close("all")
+
+
 def test_s_to_s_by_offset_on_a_hand_made_map():
     # one request, L = 3 with 1 padding slot, 2 S queries (the last two tokens), no NS
     p = torch.zeros(1, 1, 2, 3)
@@ -235,3 +259,29 @@ def test_every_plot_runs(nano):
         viz.s_to_s_heatmap(maps, 2)
     for f in set(figs):
         plt.close(f)
+
+
+def test_every_heatmap_has_a_colour_bar(nano):
+    """A heatmap without its colour bar cannot be read: each one draws its bar by default (the grid with the
+    lift scale one bar for all panels, with "prob" one per panel), and ``colorbar=False`` leaves it out."""
+    model, batch, maps = nano
+    t = viz.ns_to_s_table(maps, batch, match=torch.ones(batch.n_candidates, batch.seq_len, dtype=torch.bool))
+    d = viz.attention_by_distance(t, "match")
+
+    def bars(fig):
+        return [im for a in fig.axes for im in a.images if im.colorbar is not None]
+
+    for draw in (lambda **kw: viz.ns_to_s_heatmap(maps, 0, batch=batch, **kw),
+                 lambda **kw: viz.s_to_s_heatmap(maps, 0, batch=batch, **kw),
+                 lambda **kw: viz.attention_mask_plot(maps, 1, batch=batch, **kw),
+                 lambda **kw: viz.lift_heatmap(d, "match", **kw)):
+        ax = draw()
+        assert len(bars(ax.figure)) == 1 and ax.images[-1].colorbar is not None
+        assert len(ax.figure.axes) == 2  # the heatmap and its bar
+        assert bars(draw(colorbar=False).figure) == []
+    fig = viz.ns_to_s_grid(maps, batch)
+    assert len(bars(fig)) == 1 and bars(fig)[0].colorbar.ax.get_ylabel().startswith("lift")
+    panels = len(maps) * (maps[0].probs.shape[1] + 1)
+    assert len(bars(viz.ns_to_s_grid(maps, batch, scale="prob"))) == panels
+    assert bars(viz.ns_to_s_grid(maps, batch, colorbar=False)) == []
+    plt.close("all")
