@@ -57,4 +57,4 @@ def test_the_sweep_measures_how_far_the_id_tables_moved():
     assert abs(item["relative_change"] - 0.5) < 1e-6
     assert abs(item["rare_quarter_median"] - 0.5) < 1e-6 and abs(item["frequent_quarter_median"] - 0.5) < 1e-6
     assert 0 < item["ids_seen"] <= len(before["item_id"])
-    assert set(recipe.SWEEP) >= {"default", "history 256", "width 128", "depth 4", "requests: one rating each"}
+    assert set(recipe.SWEEP) >= {"default", "history 256", "width 128", "depth 4", "requests: a day, up to 64"}
