@@ -1,6 +1,7 @@
 """The paper's central claim at our scale: quality against model size, where data is not the limit.
 
     python benchmarks/model_scaling.py [--dataset synthetic-1m] [--candidates 400000] [--out benchmarks/results]
+    python benchmarks/model_scaling.py --no-statistics ...   # the same world without the statistic features
 
 Four (or more) OneTrans sizes, from ``nano``-like to ``small``-like (``SIZES`` below), each trained on the
 same stream of training requests for the same number of candidates (less than one epoch of
@@ -9,6 +10,9 @@ limit), with the library's default recipe (``TrainConfig``: AdamW, warm-up then 
 the test split; the synthetic world's oracle (its true click probabilities) is the ceiling and the
 user+item floor the baseline. Reports dense parameters, forward FLOPs per candidate (request-level, 16
 candidates per request), test AUC and logloss per task, and the share of the oracle's lift over the floor.
+
+``--no-statistics`` drops the schema's ``TrainingStat`` / ``HistoryStat`` features (the model must then learn
+from ids and histories what the statistics summarise) and names its files ``model_scaling-no-statistics.*``.
 
 Writes ``model_scaling.json``, ``model_scaling.md`` and ``model_scaling.png`` (AUC against dense
 parameters and against FLOPs, the oracle as a line) to ``--out``. One thread by default (``--threads``).
@@ -68,6 +72,7 @@ def main(argv=None) -> int:
     p.add_argument("--candidates", type=int, default=400_000, help="training candidates per size (< one epoch)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--no-statistics", action="store_true", help="drop the statistic features from the schema")
     p.add_argument("--out", default=None, help="write model_scaling.json, .md and .png there")
     args = p.parse_args(argv)
 
@@ -78,6 +83,8 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(args.threads)  # this script's own setting (the library never sets threads)
     data = load_dataset(args.dataset)
+    if args.no_statistics:
+        data = without_statistics(data, args.dataset)
     fl = floors(data)
     rows = []
     for name in args.sizes.split(","):
@@ -91,23 +98,41 @@ def main(argv=None) -> int:
         for t in tasks:
             lift = ref[t]["oracle"] - ref[t]["floor"]
             r["test"][t]["oracle_lift_share"] = (r["test"][t]["auc"] - ref[t]["floor"]) / lift
-    result = {"dataset": args.dataset, "interactions": data.info["n_interactions"], "candidates": args.candidates,
+    result = {"dataset": args.dataset, "statistics": not args.no_statistics, "interactions": data.info["n_interactions"], "candidates": args.candidates,
               "seed": args.seed, "threads": args.threads, "machine": platform.processor() or platform.machine(),
               "reference": ref, "rows": rows, "date": time.strftime("%Y-%m-%d")}
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "model_scaling.json").write_text(json.dumps(result, indent=1) + "\n")
-        (out / "model_scaling.md").write_text(markdown(result))
-        figure(result, out / "model_scaling.png")
+        stem = "model_scaling-no-statistics" if args.no_statistics else "model_scaling"
+        (out / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
+        (out / f"{stem}.md").write_text(markdown(result))
+        figure(result, out / f"{stem}.png")
     print(markdown(result))
     return 0
+
+
+def without_statistics(data, dataset: str):
+    """The same synthetic world, prepared with a schema that has no statistic features."""
+    import dataclasses
+
+    from onetrans_mini.data.requests import build_requests
+    from onetrans_mini.data.synthetic import generate
+    from onetrans_mini.features import HistoryStat, TrainingStat
+
+    if not dataset.startswith("synthetic-"):
+        raise SystemExit("--no-statistics is built for the synthetic worlds")
+    schema = dataclasses.replace(data.schema, ns_features=tuple(
+        f for f in data.schema.ns_features if not isinstance(f, (TrainingStat, HistoryStat))))
+    inter, users, items = generate(dataset.split("-", 1)[1], 0)  # the world load_dataset built (seed 0)
+    return build_requests(inter, schema, data.config, users=users, items=items, name=f"{dataset} (no statistics)")
 
 
 def markdown(res: dict) -> str:
     t = list(res["reference"])[0]
     ref = res["reference"][t]
-    lines = [f"# Model scaling on {res['dataset']} ({res['interactions']:,} interactions)", "",
+    stats = "" if res.get("statistics", True) else ", without the statistic features"
+    lines = [f"# Model scaling on {res['dataset']} ({res['interactions']:,} interactions){stats}", "",
              f"Each size trained once on the same {res['candidates']:,} training candidates (less than one epoch), "
              f"seed {res['seed']}, {res['threads']} thread(s), default recipe; test split. `{t}` oracle AUC "
              f"{ref['oracle']:.4f}, user+item floor {ref['floor']:.4f}.", "",
@@ -143,7 +168,8 @@ def figure(res: dict, path: Path) -> None:
         ax.set_xlabel(label)
     axes[0].set_ylabel(f"test {t} AUC")
     axes[0].legend(fontsize=8, loc="lower right")
-    fig.suptitle(f"{res['dataset']}: quality against size, same {res['candidates']:,} training candidates")
+    stats = "" if res.get("statistics", True) else " (no statistic features)"
+    fig.suptitle(f"{res['dataset']}{stats}: quality against size, same {res['candidates']:,} training candidates")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -58,3 +58,14 @@ def test_the_sweep_measures_how_far_the_id_tables_moved():
     assert abs(item["rare_quarter_median"] - 0.5) < 1e-6 and abs(item["frequent_quarter_median"] - 0.5) < 1e-6
     assert 0 < item["ids_seen"] <= len(before["item_id"])
     assert set(recipe.SWEEP) >= {"default", "history 256", "width 128", "depth 4", "requests: a day, up to 64"}
+
+
+def test_model_scaling_without_statistics_drops_them_and_says_so(tmp_path):
+    out = tmp_path / "res"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "model_scaling.py"), "--dataset", "synthetic-tiny",
+           "--candidates", "1500", "--sizes", "d16-L2", "--no-statistics", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    res = json.loads((out / "model_scaling-no-statistics.json").read_text())
+    assert res["statistics"] is False and not (out / "model_scaling.json").exists()
+    assert "without the statistic features" in (out / "model_scaling-no-statistics.md").read_text()
