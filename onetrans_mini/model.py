@@ -315,7 +315,10 @@ class OneTrans(nn.Module):
         if not isinstance(request_index, torch.Tensor) or request_index.dim() != 1:
             raise ValueError(f"request_index must be a 1-D tensor (B,), got {getattr(request_index, 'shape', request_index)!r}")
         require_integer("request_index", request_index)
-        check_ns(ns, self.schema, emb.size, len(request_index), check_ids=device.type == "cpu", where="ns")
+        # ids are range-checked while they are still on the CPU (cheap, and a bad id then raises a clear error
+        # instead of a CUDA device-side assert); inputs already on a GPU are not synced back for it
+        on_cpu = all(getattr(v, "device", torch.device("cpu")).type == "cpu" for v in ns.values())
+        check_ns(ns, self.schema, emb.size, len(request_index), check_ids=on_cpu, where="ns")
         if request_index.numel() == 0:
             return torch.zeros(0, self.n_tasks, device=device)
         if int(request_index.max()) >= cache.n_requests or int(request_index.min()) < 0:
