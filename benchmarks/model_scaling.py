@@ -114,18 +114,14 @@ def main(argv=None) -> int:
 
 def without_statistics(data, dataset: str):
     """The same synthetic world, prepared with a schema that has no statistic features."""
-    import dataclasses
-
     from onetrans_mini.data.requests import build_requests
     from onetrans_mini.data.synthetic import generate
-    from onetrans_mini.features import HistoryStat, TrainingStat
 
     if not dataset.startswith("synthetic-"):
         raise SystemExit("--no-statistics is built for the synthetic worlds")
-    schema = dataclasses.replace(data.schema, ns_features=tuple(
-        f for f in data.schema.ns_features if not isinstance(f, (TrainingStat, HistoryStat))))
     inter, users, items = generate(dataset.split("-", 1)[1], 0)  # the world load_dataset built (seed 0)
-    return build_requests(inter, schema, data.config, users=users, items=items, name=f"{dataset} (no statistics)")
+    return build_requests(inter, data.schema.without_statistics(), data.config, users=users, items=items,
+                          name=f"{dataset} (no statistics)")
 
 
 def markdown(res: dict) -> str:

@@ -33,14 +33,16 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+# each rung or point: train (TrainConfig fields), model (ModelConfig), data (DataConfig); stats=False drops the
+# schema's statistic features
 RUNGS = {
-    "before": dict(stats=False, weight_decay=0.01, ema=0.0),
-    "+ statistics": dict(stats=True, weight_decay=0.01, ema=0.0),
-    "+ weight decay 0.1": dict(stats=True, weight_decay=0.1, ema=0.0),
-    "+ weight average (default)": dict(stats=True),
+    "before": dict(stats=False, train=dict(weight_decay=0.01, ema=0.0)),
+    "+ statistics": dict(train=dict(weight_decay=0.01, ema=0.0)),
+    "+ weight decay 0.1": dict(train=dict(weight_decay=0.1, ema=0.0)),
+    "+ weight average (default)": {},
 }
 
-# one knob at a time around the default: model (ModelConfig fields), data (DataConfig), train (TrainConfig)
+# one knob at a time around the default
 SWEEP = {
     "default": {},
     "history 32": dict(model=dict(max_len=32)),
@@ -86,24 +88,22 @@ def worker(dataset: str, rung: str, seed: int, sweep: bool = False) -> dict:
     from onetrans_mini.data import load_dataset
     from onetrans_mini.data.movielens import MOVIELENS_SCHEMA, ML100K, fetch, read_ml100k
     from onetrans_mini.data.requests import build_requests
-    from onetrans_mini.features import HistoryStat, TrainingStat
     from onetrans_mini.model import OneTrans
     from onetrans_mini.train import evaluate, train
 
     torch.set_num_threads(1)
-    point = SWEEP[rung] if sweep else {"train": {k: v for k, v in RUNGS[rung].items() if k != "stats"}}
-    spec, stats = dict(point.get("train", {})), True if sweep else RUNGS[rung]["stats"]
+    point = (SWEEP if sweep else RUNGS)[rung]
+    stats = point.get("stats", True)
     data = load_dataset(dataset, progress=False)
     if point.get("data"):
         data = load_dataset(dataset, config=dataclasses.replace(data.config, **point["data"]), progress=False)
     if not stats:
         if dataset != "movielens-100k":
             raise SystemExit("the rung without statistics is built for movielens-100k only")
-        schema = dataclasses.replace(MOVIELENS_SCHEMA, ns_features=tuple(
-            f for f in MOVIELENS_SCHEMA.ns_features if not isinstance(f, (TrainingStat, HistoryStat))))
         inter, users, items = read_ml100k(fetch(ML100K, None, progress=False))
-        data = build_requests(inter, schema, data.config, users=users, items=items, name=dataset)
-    cfg = TrainConfig(seed=seed, **spec)
+        data = build_requests(inter, MOVIELENS_SCHEMA.without_statistics(), data.config, users=users, items=items,
+                              name=dataset)
+    cfg = TrainConfig(seed=seed, **point.get("train", {}))
     torch.manual_seed(seed)
     model_spec = {"max_len": min(128, data.config.max_len), **point.get("model", {})}
     model = OneTrans(get_preset("small", **model_spec), data.schema, data.vocab_sizes())

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import ClassVar, Iterable, Literal, Sequence
 
 import numpy as np
@@ -198,6 +198,12 @@ class Schema:
     def behaviours(self) -> tuple[str, ...]:
         """Behaviour names that enter the history, in sequence (intent) order."""
         return tuple(b for s in self.sequences for b in s.behaviours)
+
+    def without_statistics(self) -> "Schema":
+        """The same schema without its ``TrainingStat`` / ``HistoryStat`` features: what a model must then learn
+        from ids and histories (the first version's features; issue 14's ablations)."""
+        return replace(self, ns_features=tuple(
+            f for f in self.ns_features if not isinstance(f, (TrainingStat, HistoryStat))))
 
     def sequence_of_behaviour(self) -> dict[str, int]:
         """Behaviour name -> sequence index (1-based; 0 is padding), the S-token's type indicator."""

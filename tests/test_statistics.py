@@ -233,3 +233,10 @@ def test_logistic_regression_baseline_learns_from_the_same_features(tiny_data):
     assert auc(y, lr["prob"]) > floors(tiny_data)["click"]["item_mean"]["auc"]
     again = logistic_regression(tiny_data, "click", steps=100)
     np.testing.assert_allclose(again["prob"], lr["prob"], rtol=1e-5)  # seeded: the same numbers (up to float sums)
+
+
+def test_a_schema_without_statistics_keeps_everything_else():
+    bare = SCHEMA.without_statistics()
+    assert not any(isinstance(f, (TrainingStat, HistoryStat)) for f in bare.ns_features)
+    assert [f.name for f in bare.ns_features] == [f.name for f in SCHEMA.ns_features if f not in STATS]
+    assert (bare.event_fields, bare.sequences, bare.tasks) == (SCHEMA.event_fields, SCHEMA.sequences, SCHEMA.tasks)
