@@ -4,17 +4,18 @@ The schema is data: one list of feature specs that the data pipeline (which colu
 how), the tokenizers (how many embedding tables, of which size, grouped how) and the notebooks (what
 a request looks like) all read. Nothing else in the package hard-codes a feature name.
 
-Four kinds of feature (FuxiCTR's vocabulary, simplified):
+The kinds of feature (FuxiCTR's vocabulary, simplified):
 
 - ``Categorical``: one id per row (user id, gender, occupation, item id, hour of day).
 - ``Bucketized``: a number cut into buckets by boundaries fitted on the training split (quantiles)
   or given explicitly (release year, age).
 - ``MultiCategorical``: several ids per row, padded to ``max_len`` (movie genres); embedded as the
   mean of its ids.
-- ``TrainingStat`` / ``HistoryStat``: numbers an industrial ranker feeds next to the ids (an item's
-  popularity and positive rate in the training split; the user's rates, and how often the history
-  matches the candidate's genre, from the request's own history), computed without leakage by
-  ``data/statistics.py`` and then bucketized like ``Bucketized``.
+- ``TrainingStat`` / ``HistoryStat`` / ``RequestStat``: numbers an industrial ranker feeds next to the
+  ids (an item's popularity and positive rate in the training split; the user's rates, and how often
+  the history matches the candidate's genre, from the request's own history; how much of the request's
+  candidate list shares the candidate's category), computed without leakage by ``data/statistics.py``
+  and then bucketized like ``Bucketized``.
 - ``SequenceSpec``: a behaviour sequence: which event types belong to it (e.g. ``liked``) and which
   per-event fields each S-token carries (item id, side info, behaviour type, time gap).
 
@@ -125,7 +126,24 @@ class HistoryStat:
         return "item" if self.match else "user"  # per candidate with a match, else per request
 
 
-NSFeature = Categorical | Bucketized | MultiCategorical | TrainingStat | HistoryStat
+@dataclass(frozen=True)
+class RequestStat:
+    """A statistic of the request's own candidate list (what the ranker is asked to order, known before any
+    label): the share of the request's candidates whose ``match`` column equals this candidate's, the
+    candidate itself included (``match="category"``: 0.5 when half the list shares its category, as when a
+    retrieval stage fetched by the user's current intent). It reads no label, so it cannot leak one; the
+    model still scores each candidate on its own. Quantile-bucketized on the training split."""
+
+    name: str
+    match: str = "category"  # a column of the candidates (after the items table is joined)
+    n_buckets: int = 8
+    group: str = ""
+    kind: str = "request_stat"
+    source: ClassVar[str] = "item"  # one value per candidate
+
+
+NSFeature = Categorical | Bucketized | MultiCategorical | TrainingStat | HistoryStat | RequestStat
+STATISTICS = (TrainingStat, HistoryStat, RequestStat)  # the computed features (``data/statistics.py``)
 
 
 @dataclass(frozen=True)
@@ -177,14 +195,18 @@ class Schema:
         for f in self.ns_features:
             if f.source == "event":
                 raise ValueError(f"schema: NS feature {f.name!r} cannot have source='event'")
-            if isinstance(f, (TrainingStat, HistoryStat)) and (f.alpha < 0 or f.n_buckets < 1):
-                raise ValueError(f"schema: statistic {f.name!r} needs alpha >= 0 and n_buckets >= 1")
+            if isinstance(f, (TrainingStat, HistoryStat)) and f.alpha < 0:
+                raise ValueError(f"schema: statistic {f.name!r} needs alpha >= 0")
+            if isinstance(f, STATISTICS) and f.n_buckets < 1:
+                raise ValueError(f"schema: statistic {f.name!r} needs n_buckets >= 1")
+            if isinstance(f, RequestStat) and not f.match:
+                raise ValueError(f"schema: statistic {f.name!r} needs a match column (the candidates' column to compare)")
             if isinstance(f, (TrainingStat, HistoryStat)) and f.folds < 2:
                 raise ValueError(f"schema: statistic {f.name!r} needs folds >= 2 (out-of-fold rates)")
             if isinstance(f, HistoryStat) and f.window < 0:
                 raise ValueError(f"schema: statistic {f.name!r} needs window >= 0 (0 = the whole history)")
         for f in self.event_fields:
-            if isinstance(f, (TrainingStat, HistoryStat)):
+            if isinstance(f, STATISTICS):
                 raise ValueError(f"schema: event field {f.name!r} cannot be a statistic (S-tokens read event columns)")
         behaviours = [b for s in self.sequences for b in s.behaviours]
         if len(set(behaviours)) != len(behaviours):
@@ -200,10 +222,9 @@ class Schema:
         return tuple(b for s in self.sequences for b in s.behaviours)
 
     def without_statistics(self) -> "Schema":
-        """The same schema without its ``TrainingStat`` / ``HistoryStat`` features: what a model must then learn
-        from ids and histories (the first version's features; issue 14's ablations)."""
-        return replace(self, ns_features=tuple(
-            f for f in self.ns_features if not isinstance(f, (TrainingStat, HistoryStat))))
+        """The same schema without its statistic features (``STATISTICS``): what a model must then learn from
+        ids and histories (the first version's features; issue 14's ablations)."""
+        return replace(self, ns_features=tuple(f for f in self.ns_features if not isinstance(f, STATISTICS)))
 
     def sequence_of_behaviour(self) -> dict[str, int]:
         """Behaviour name -> sequence index (1-based; 0 is padding), the S-token's type indicator."""
@@ -231,7 +252,7 @@ class Schema:
     @classmethod
     def from_dict(cls, d: dict) -> "Schema":
         kinds = {"categorical": Categorical, "bucketized": Bucketized, "multi_categorical": MultiCategorical,
-                 "training_stat": TrainingStat, "history_stat": HistoryStat}
+                 "training_stat": TrainingStat, "history_stat": HistoryStat, "request_stat": RequestStat}
 
         def feat(x):
             x = dict(x)
@@ -256,8 +277,8 @@ def column_of(f: NSFeature) -> str:
 def bucketized(f: NSFeature) -> NSFeature:
     """How a feature is fitted and encoded: a statistic is a ``Bucketized`` of its computed column (quantile
     buckets, log scale for counts); every other feature is itself."""
-    if isinstance(f, (TrainingStat, HistoryStat)):
-        return Bucketized(f.name, f.source, group=f.group, n_buckets=f.n_buckets, log=not f.mean_of)
+    if isinstance(f, STATISTICS):  # counts (no ``mean_of``) on a log scale; a request's share as it is
+        return Bucketized(f.name, f.source, group=f.group, n_buckets=f.n_buckets, log=not getattr(f, "mean_of", True))
     return f
 
 

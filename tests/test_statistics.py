@@ -8,9 +8,9 @@ import pytest
 
 from onetrans_mini.data import SYNTHETIC_SCHEMA, build_requests
 from onetrans_mini.data.requests import DataError
-from onetrans_mini.data.statistics import history_stat, prior_means, shared_codes, training_stat
+from onetrans_mini.data.statistics import history_stat, prior_means, request_stat, shared_codes, training_stat
 from onetrans_mini.data.synthetic import data_config, generate
-from onetrans_mini.features import HistoryStat, Schema, TrainingStat
+from onetrans_mini.features import STATISTICS, HistoryStat, RequestStat, Schema, TrainingStat
 
 
 # ---- slow twins: one row at a time, straight from the definitions ------------------------------------
@@ -54,6 +54,14 @@ def slow_history_stat(f, start, end, values, prior, event_keys=None, cand_keys=N
     return out
 
 
+def slow_request_stat(request, keys):
+    out = np.empty(len(keys))
+    for i in range(len(keys)):
+        mine = [j for j in range(len(keys)) if request[j] == request[i]]
+        out[i] = 0.0 if keys[i] < 0 else sum(keys[j] == keys[i] for j in mine) / len(mine)
+    return out
+
+
 @pytest.mark.parametrize("mean_of", ["", "y"])
 def test_training_stat_equals_its_slow_twin(mean_of):
     rng = np.random.default_rng(0)
@@ -80,6 +88,15 @@ def test_history_stat_equals_its_slow_twin(mean_of, match, window):
     np.testing.assert_allclose(history_stat(f, *args), slow_history_stat(f, *args), rtol=1e-12)
 
 
+def test_request_stat_equals_its_slow_twin():
+    rng = np.random.default_rng(4)
+    request = np.sort(rng.integers(0, 40, size=300))
+    keys = rng.integers(-1, 5, size=300)  # -1: a missing key, which matches nothing
+    got = request_stat(request, keys)
+    np.testing.assert_allclose(got, slow_request_stat(request, keys), rtol=1e-12)
+    assert got.max() <= 1.0 and (got[keys >= 0] > 0).all()
+
+
 def test_the_prior_leaves_out_the_own_fold_of_training_queries():
     rng = np.random.default_rng(2)
     values, split, request = rng.random(200), rng.choice(3, size=200, p=[0.6, 0.2, 0.2]), np.sort(rng.integers(0, 50, 200))
@@ -101,7 +118,7 @@ def test_shared_codes_give_equal_values_equal_codes_and_missing_minus_one():
 # the built-in synthetic schema's statistics, plus a count and a history mean of a label
 EXTRA = (TrainingStat("item_n", key="item"), HistoryStat("purchase_rate", mean_of="purchase"))
 SCHEMA = dataclasses.replace(SYNTHETIC_SCHEMA, ns_features=SYNTHETIC_SCHEMA.ns_features + EXTRA)
-STATS = tuple(f for f in SCHEMA.ns_features if isinstance(f, (TrainingStat, HistoryStat)))
+STATS = tuple(f for f in SCHEMA.ns_features if isinstance(f, STATISTICS))
 
 
 def _build(inter, users, items):
@@ -175,7 +192,8 @@ def test_the_built_in_schemas_carry_statistics():
     for schema in (SYNTHETIC_SCHEMA, MOVIELENS_SCHEMA, MOVIELENS_CSV_SCHEMA):
         kinds = {type(f) for f in schema.ns_features}
         assert {TrainingStat, HistoryStat} <= kinds
-    assert len(STATS) == 8 and any(isinstance(f.key, tuple) for f in STATS if isinstance(f, TrainingStat))
+    assert RequestStat in {type(f) for f in SYNTHETIC_SCHEMA.ns_features}  # the synthetic world's intent
+    assert len(STATS) == 9 and any(isinstance(f.key, tuple) for f in STATS if isinstance(f, TrainingStat))
 
 
 def test_a_statistic_on_a_missing_column_names_it():
@@ -186,12 +204,17 @@ def test_a_statistic_on_a_missing_column_names_it():
     bad = dataclasses.replace(SYNTHETIC_SCHEMA, ns_features=SYNTHETIC_SCHEMA.ns_features + (TrainingStat("y", mean_of="like"),))
     with pytest.raises(DataError, match=r"statistic 'y' reads column 'like' of the candidates"):
         build_requests(inter, bad, data_config("tiny"), users=users, items=items)
+    bad = dataclasses.replace(SYNTHETIC_SCHEMA, ns_features=SYNTHETIC_SCHEMA.ns_features + (RequestStat("z", match="colour"),))
+    with pytest.raises(DataError, match=r"statistic 'z' reads column 'colour' of the candidates"):
+        build_requests(inter, bad, data_config("tiny"), users=users, items=items)
 
 
 @pytest.mark.parametrize("feature,match", [
     (TrainingStat("s", folds=1), "folds >= 2"),
     (HistoryStat("s", window=-1), "window >= 0"),
     (HistoryStat("s", alpha=-1.0), "alpha >= 0"),
+    (RequestStat("s", match=""), "needs a match column"),
+    (RequestStat("s", n_buckets=0), "n_buckets >= 1"),
 ])
 def test_bad_statistic_specs_are_refused_by_the_schema(feature, match):
     with pytest.raises(ValueError, match=match):
@@ -237,6 +260,21 @@ def test_logistic_regression_baseline_learns_from_the_same_features(tiny_data):
 
 def test_a_schema_without_statistics_keeps_everything_else():
     bare = SCHEMA.without_statistics()
-    assert not any(isinstance(f, (TrainingStat, HistoryStat)) for f in bare.ns_features)
+    assert not any(isinstance(f, STATISTICS) for f in bare.ns_features)
     assert [f.name for f in bare.ns_features] == [f.name for f in SCHEMA.ns_features if f not in STATS]
     assert (bare.event_fields, bare.sequences, bare.tasks) == (SCHEMA.event_fields, SCHEMA.sequences, SCHEMA.tasks)
+
+
+def test_the_candidate_list_reveals_the_synthetic_intent_that_no_history_shows():
+    """Half of a synthetic request comes from the user's current intent (``generate``): the share of the list in
+    the candidate's category separates intent candidates from the rest, which the history's category counts
+    (the intent may have just switched) do much less well."""
+    from onetrans_mini.metrics import auc
+
+    inter, users, items = generate("small", seed=0, with_terms=True)
+    inter = inter[inter.user < 60].reset_index(drop=True)  # 60 users: enough requests, quick to prepare
+    data = build_requests(inter, SYNTHETIC_SCHEMA, data_config("small"), users=users, items=items, name="small")
+    C = data.candidates
+    is_intent = (inter["term_intent"].to_numpy()[source_rows(inter)] > 0).astype(float)
+    assert auc(is_intent, C["stat:request_category_share"]) > 0.98
+    assert auc(is_intent, C["stat:category_recent"]) < 0.9

@@ -35,7 +35,9 @@ from ..features import (
     Bucketized,
     Categorical,
     HistoryStat,
+    STATISTICS,
     MultiCategorical,
+    RequestStat,
     Schema,
     TrainingStat,
     Vocabularies,
@@ -45,7 +47,7 @@ from ..features import (
     fit_feature,
 )
 from .batching import Batch, concat_ranges, left_padded_windows
-from .statistics import history_stat, prior_means, shared_codes, training_stat
+from .statistics import history_stat, prior_means, request_stat, shared_codes, training_stat
 
 SPLITS = ("train", "val", "test")
 MAX_SECONDS = 1e11  # about the year 5138: a larger timestamp is milliseconds (or microseconds), not seconds
@@ -351,7 +353,7 @@ def build_requests(
         if f.source in ("user", "context"):  # per request -> per candidate
             ids = ids[req]
         cand_cols[f.name] = ids
-        if isinstance(f, (TrainingStat, HistoryStat)):  # the raw number too: for plots, linear baselines, tests
+        if isinstance(f, STATISTICS):  # the raw number too: for plots, linear baselines, tests
             raw = values_of(f, tbl).to_numpy(np.float32)
             cand_cols[f"stat:{f.name}"] = raw[req] if f.source == "user" else raw
     for t in schema.tasks:
@@ -394,8 +396,9 @@ def build_requests(
 
 def _add_statistics(schema: Schema, cand_df, hist_df, user_feat, split, req, eligible, req_first, hist_start,
                     hist_end, name: str) -> None:
-    """Compute the schema's statistic features into their tables (``statistics.py``): a ``TrainingStat`` and a
-    matched ``HistoryStat`` as a column of the candidates, a per-request ``HistoryStat`` as one of the requests."""
+    """Compute the schema's statistic features into their tables (``statistics.py``): a ``TrainingStat``, a
+    ``RequestStat`` and a matched ``HistoryStat`` as a column of the candidates, a per-request ``HistoryStat``
+    as one of the requests."""
     def need(tbl, col, f, what):
         if col not in tbl.columns:
             raise DataError(f"{name}: statistic {f.name!r} reads column {col!r} of the {what}, which has {_columns(tbl)}")
@@ -409,11 +412,15 @@ def _add_statistics(schema: Schema, cand_df, hist_df, user_feat, split, req, eli
                         f"{_columns(cand_df)} (and their users {_columns(user_feat)})")
 
     for f in schema.ns_features:
-        if not isinstance(f, (TrainingStat, HistoryStat)):
+        if not isinstance(f, STATISTICS):
             continue
         for tbl in (cand_df, user_feat):
             if f.name in tbl.columns:
                 raise DataError(f"{name}: statistic {f.name!r} would overwrite the column of that name; rename the feature")
+        if isinstance(f, RequestStat):
+            keys, = shared_codes(candidate_column(f.match, f))
+            cand_df[f.name] = request_stat(req, keys)
+            continue
         if isinstance(f, TrainingStat):
             key = (f.key,) if isinstance(f.key, str) else tuple(f.key)
             cols = pd.DataFrame({col: candidate_column(col, f) for col in key})  # (N, len(key))

@@ -1,4 +1,4 @@
-"""Statistic features (``TrainingStat``, ``HistoryStat``), computed without leakage.
+"""Statistic features (``TrainingStat``, ``HistoryStat``, ``RequestStat``), computed without leakage.
 
 Industrial rankers feed numbers next to the ids: how popular an item is, how often it is liked, how
 often this user likes things, how much of the user's history shares the candidate's genre. The paper's
@@ -15,6 +15,7 @@ Leakage is the whole difficulty, and each kind has one rule that rules it out:
   and read the training split for every row, so that their scale does not shift between the splits.
 - ``HistoryStat`` (from the request's own history): the history holds only events strictly before the
   request's first candidate (``requests.py``), so no candidate's label can be in it.
+- ``RequestStat`` (from the request's candidate list): it counts candidates, never their labels.
 - The smoothing prior (the training mean of the column) is out of fold in the same way, so even that
   one number never holds a training candidate's own label.
 
@@ -122,6 +123,18 @@ def history_stat(f: HistoryStat, start: np.ndarray, end: np.ndarray, values: np.
     cs = np.r_[0.0, np.cumsum(np.asarray(values, dtype=np.float64)[order])]
     total = np.where(q < 0, 0.0, cs[hi] - cs[lo])
     return smoothed_mean(total, count, prior, f.alpha)
+
+
+def request_stat(request: np.ndarray, keys: np.ndarray) -> np.ndarray:
+    """``RequestStat`` for every candidate: the share of its request's candidates with the same key, itself
+    included. ``request``: (N,) ids; ``keys``: (N,) integer codes of the match column (-1 = missing: such a
+    candidate matches nothing and gets 0). No label is read."""
+    request = np.asarray(request, dtype=np.int64)
+    keys = np.asarray(keys, dtype=np.int64)
+    _, per_request, size = np.unique(request, return_inverse=True, return_counts=True)
+    _, per_pair, same = np.unique(np.stack([request, keys]), axis=1, return_inverse=True, return_counts=True)
+    share = same[per_pair.reshape(-1)] / size[per_request.reshape(-1)]  # (N,)
+    return np.where(keys < 0, 0.0, share)
 
 
 def shared_codes(*columns) -> list[np.ndarray]:

@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 
 from ..config import DATA_PRESETS, DataConfig
-from ..features import Bucketized, Categorical, HistoryStat, Schema, SequenceSpec, Task, TrainingStat
+from ..features import Bucketized, Categorical, HistoryStat, RequestStat, Schema, SequenceSpec, Task, TrainingStat
 from .download import cache_dir
 from .movielens import GAP_BOUNDARIES
 from .requests import DataError, RequestData, build_requests, cached
@@ -78,6 +78,9 @@ SYNTHETIC_SCHEMA = Schema(
         TrainingStat("user_category_click_rate", key=("user", "category"), mean_of="click"),
         HistoryStat("category_n", match="category"),
         HistoryStat("category_recent", match="category", window=20),
+        # the candidate list itself: half of it comes from the user's current intent (``generate``), which no
+        # history reveals after the intent switches; a ranker knows its candidate list before scoring it
+        RequestStat("request_category_share", match="category"),
     ),
     event_fields=(
         Categorical("hist_item", "event", column="item", vocab_of="item_id"),
