@@ -69,3 +69,19 @@ def test_model_scaling_without_statistics_drops_them_and_says_so(tmp_path):
     res = json.loads((out / "model_scaling-no-statistics.json").read_text())
     assert res["statistics"] is False and not (out / "model_scaling.json").exists()
     assert "without the statistic features" in (out / "model_scaling-no-statistics.md").read_text()
+
+
+def test_the_ceiling_probe_recovers_the_oracle_from_the_true_terms_and_less_from_ids(tmp_path):
+    """ceiling.py: given the generator's own terms, its logistic model is the oracle (the form is learnable);
+    learning the terms from what a ranker sees reaches less, and less again without the candidate list."""
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "ceiling.py"), "--size", "tiny", "--seeds", "0", "--steps", "100",
+           "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    res = json.loads((tmp_path / "ceiling-synthetic-tiny.json").read_text())
+    (w,) = res["worlds"]
+    share = {name: r["oracle_lift_share"] for name, r in w["rungs"].items()}
+    assert abs(w["rungs"]["the true terms"]["test_auc"] - w["oracle"]) < 0.003
+    assert share["all learned"] < share["latent match learned"] < 0.95
+    assert share["all learned, no list"] < share["all learned"] - 0.05
+    assert "| all learned |" in (tmp_path / "ceiling-synthetic-tiny.md").read_text()

@@ -98,6 +98,9 @@ MOVIELENS_SCHEMA = Schema(
         HistoryStat("user_love_rate", mean_of="love"),
         HistoryStat("genre_n", match="genre1"),
         HistoryStat("genre_like_rate", mean_of="like", match="genre1"),
+        # no RequestStat (the synthetic schema's candidate-list share): a MovieLens "request" is the movies a
+        # user chose to rate in one sitting, so its list would tell the model what the user picked, which no
+        # ranker knows before it shows anything
     ),
     event_fields=(
         Categorical("hist_item", "event", column="item", vocab_of="item_id"),
