@@ -356,6 +356,8 @@ def results_of(model: nn.Module, data: RequestData, test: dict, model_name: str,
         out["epochs_run"] = len(hist["epochs"])
         out["stopped_early"] = hist["stopped_early"]
         out["train_seconds"] = hist["train_seconds"]
+        if "val_pass" in hist:
+            out["val_pass"] = hist["val_pass"]
     return out
 
 
@@ -379,6 +381,8 @@ def format_results(res: dict, markdown: bool = False) -> str:
             f"wall time {res.get('wall_seconds', float('nan')):.1f} s")
     if res.get("best_epoch"):
         head += f"; best epoch {res['best_epoch']} of {res.get('epochs_run')}"
+    if res.get("val_pass"):
+        head += f", then a pass over the validation requests ({res['val_pass']['steps']} steps)"
     if markdown:
         lines = [head, "", "| task | predictor | AUC | UAUC | GAUC | logloss |", "|---|---|---|---|---|---|"]
         lines += [f"| {t} | {n} | {m['auc']:.4f} | {m['uauc']:.4f} | {m['gauc']:.4f} | {m['logloss']:.4f} |" for t, n, m in rows]

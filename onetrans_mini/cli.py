@@ -217,6 +217,9 @@ TRAIN_FLAGS: dict[str, dict] = {
     "compile": dict(action="store_true", help="torch.compile the model"),
     "eval_batch_requests": dict(type=int, help="requests per evaluation batch (default %(d)s)"),
     "steps_per_epoch": dict(type=int, help="cap the steps of an epoch (smoke runs; default: the whole split)"),
+    "val_pass": dict(flag="--no-val-pass", action="store_false",
+                     help="keep the best epoch's weights as they are; by default they are then trained once over "
+                          "the validation requests, the labelled period closest to the test period"),
 }
 
 ABLATIONS = (  # (flag, ModelConfig field, value when the flag is given)
@@ -243,7 +246,8 @@ def add_train_arguments(p) -> None:
     d = TrainConfig()
     for name, kw in TRAIN_FLAGS.items():
         kw = dict(kw, help=kw["help"].replace("%(d)s", str(getattr(d, name))))
-        t.add_argument("--" + name.replace("_", "-"), dest=name, default=argparse.SUPPRESS, **kw)
+        flag = kw.pop("flag", "--" + name.replace("_", "-"))  # a switch that is on by default is named --no-...
+        t.add_argument(flag, dest=name, default=argparse.SUPPRESS, **kw)
     t.add_argument("--no-bf16", dest="bf16", action="store_const", const="off", default=argparse.SUPPRESS,
                    help="same as --bf16 off")
     m = p.add_argument_group("model (ModelConfig)")

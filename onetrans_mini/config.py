@@ -201,8 +201,9 @@ class TrainConfig:
     AUCs: see the README's results; what each step of the recipe adds: ``benchmarks/recipe.py``). The
     embedding tables get their own, larger learning rate (``embedding_lr``); the model memorises after a
     few epochs, hence ``epochs=4`` with early stopping, weight decay 0.1 on the dense matrices and a
-    moving average of the weights (``ema``) as the model that is validated and kept.
-    The model's history length is ``ModelConfig.max_len``, not a training knob.
+    moving average of the weights (``ema``) as the model that is validated and kept; then one pass over the
+    validation requests (``val_pass``), so that the kept model has also learned the period just before the
+    test period. The model's history length is ``ModelConfig.max_len``, not a training knob.
     """
 
     epochs: int = 4
@@ -227,6 +228,9 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model
     eval_batch_requests: int = 64
     steps_per_epoch: int | None = None  # cap (smoke runs, tests); None = the whole training split
+    # after the epochs: train the kept weights once over the validation requests (the lr where the best epoch
+    # ended; validation has chosen the epoch by then), as a production ranker trains on every day it has
+    val_pass: bool = True
 
     def __post_init__(self):
         def check(cond, msg):
@@ -268,9 +272,11 @@ class TrainConfig:
         """From a run's ``config.json``. Run folders written before the history length moved to
         ``ModelConfig`` (and activation checkpointing to the model) still load: those fields are dropped,
         and their boolean ``bf16`` (on CUDA only) becomes ``"auto"`` / ``"off"``; a run from before the weight
-        average (no ``ema`` field) kept none, so it resumes with ``ema=0``."""
+        average (no ``ema`` field) kept none, so it resumes with ``ema=0``, and one from before the validation
+        pass (no ``val_pass`` field) made none."""
         d = {k: v for k, v in d.items() if k not in ("max_len", "activation_checkpointing")}
         d.setdefault("ema", 0.0)
+        d.setdefault("val_pass", False)  # runs from before the validation pass made none
         if isinstance(d.get("bf16"), bool):
             d["bf16"] = "auto" if d["bf16"] else "off"
         names = {f.name for f in dataclasses.fields(cls)}

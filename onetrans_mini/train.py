@@ -317,7 +317,9 @@ def train(model: nn.Module, data: RequestData, cfg: TrainConfig | None = None, r
             (default: as ``progress``). Both on rank 0 only.
 
     Returns the history ``{"epochs": [per-epoch records], "best_epoch", "best_score", "stopped_early",
-    "train_seconds", "max_len", "lr", "device"}``. On return the model holds the BEST weights.
+    "train_seconds", "max_len", "lr", "device"}`` (and ``"val_pass"``: its steps, loss and lr, when
+    ``cfg.val_pass`` ran). On return the model holds the BEST weights, then trained once over the validation
+    requests when ``cfg.val_pass`` (the default); the per-epoch validation metrics are from before that pass.
     """
     cfg = cfg or TrainConfig()
     info = dist_info()
@@ -389,27 +391,11 @@ def train(model: nn.Module, data: RequestData, cfg: TrainConfig | None = None, r
             if step >= steps:
                 break
             batch = batch.to(device, non_blocking=True)
-            n_local = batch.n_candidates
-            with autocast(device, cfg.bf16):
-                _, loss = fwd(batch, batch.labels)
-            # each rank's loss is the mean over ITS candidates; weight it by its share of the global batch
-            # so that DDP's gradient average equals the gradient of the global mean
-            if info.enabled:
-                n_global = all_reduce_sum([float(n_local)], device)[0]
-                weight = n_local * info.world_size / n_global
-            else:
-                weight = 1.0
-            if not torch.isfinite(loss):
-                raise TrainError(f"the loss became {float(loss)} at epoch {epoch + 1}, step {step + 1}; "
-                                 f"try a lower learning rate (--lr) or gradient clipping")
-            (loss * weight).backward()
-            opts.clip()
-            opts.step()
-            opts.zero_grad()
+            loss = _step(fwd, batch, opts, cfg, info, device, f"epoch {epoch + 1}, step {step + 1}")
             if average is not None:
                 average.update(model)
-            loss_sum += float(loss.detach()) * n_local
-            n_seen += n_local
+            loss_sum += loss * batch.n_candidates
+            n_seen += batch.n_candidates
             step += 1
             if bar is not None:
                 el = time.perf_counter() - t0
@@ -462,7 +448,74 @@ def train(model: nn.Module, data: RequestData, cfg: TrainConfig | None = None, r
                 append_metrics(run_dir, rec)
     if best_state is not None:
         model.load_state_dict(best_state)
+    finished = hist["stopped_early"] or len(hist["epochs"]) >= cfg.epochs
+    if cfg.val_pass and finished and "val_pass" not in hist and len(data.request_ids("val")):
+        t0 = time.perf_counter()
+        # the lr where the best epoch ended: the schedule, picked up where the kept weights left it
+        mult = lr_multiplier(cfg, total_steps)(hist["best_epoch"] * steps)
+        hist["val_pass"] = _val_pass(model, fwd, data, cfg, info, device, max_len, lr, mult)
+        hist["val_pass"]["seconds"] = time.perf_counter() - t0
+        hist["train_seconds"] += hist["val_pass"]["seconds"]
+        if info.is_main and (progress if log is None else log):
+            vp = hist["val_pass"]
+            print(f"validation pass: {vp['steps']} steps over the validation requests at lr {vp['lr']:.2e}, "
+                  f"train loss {vp['train_loss']:.4f}  [{vp['seconds']:.0f} s]", file=sys.stderr, flush=True)
+        if run_dir is not None:  # the kept model is now the one after the pass; the history says so
+            if info.is_main:
+                save_weights(model, run_dir / "model.safetensors")
+            save_train_state(run_dir, model, opts, hist, len(hist["epochs"]), bad_epochs, info,
+                             average.state_dict() if average is not None else None)
     return hist
+
+
+def _step(fwd: nn.Module, batch, opts: Optimizers, cfg: TrainConfig, info, device, where: str) -> float:
+    """One optimizer step on one batch (already on ``device``); returns the batch's mean loss."""
+    with autocast(device, cfg.bf16):
+        _, loss = fwd(batch, batch.labels)
+    # each rank's loss is the mean over ITS candidates; weight it by its share of the global batch
+    # so that DDP's gradient average equals the gradient of the global mean
+    if info.enabled:
+        n_global = all_reduce_sum([float(batch.n_candidates)], device)[0]
+        weight = batch.n_candidates * info.world_size / n_global
+    else:
+        weight = 1.0
+    if not torch.isfinite(loss):
+        raise TrainError(f"the loss became {float(loss)} at {where}; try a lower learning rate (--lr) or "
+                         f"gradient clipping")
+    (loss * weight).backward()
+    opts.clip()
+    opts.step()
+    opts.zero_grad()
+    return float(loss.detach())
+
+
+def _val_pass(model: nn.Module, fwd: nn.Module, data: RequestData, cfg: TrainConfig, info, device, max_len: int,
+              lr: float, mult: float) -> dict:
+    """``TrainConfig.val_pass``: one pass over the validation requests, from the kept (best) weights, with
+    fresh optimizers of the same groups at the constant lr ``mult`` x ``lr``. Validation chose the epoch; the
+    model then also learns the labelled period closest to the one it will score (a ranker in production
+    trains on every day before the one it serves). No weight average: the pass is short. Under DDP an odd
+    request out is dropped, as in the epochs, so that every rank takes the same number of steps."""
+    from torch.utils.data.distributed import DistributedSampler
+
+    n_val = len(data.request_ids("val"))
+    sampler = DistributedSampler(range(n_val), num_replicas=info.world_size, rank=info.rank, shuffle=True,
+                                 seed=cfg.seed, drop_last=n_val >= info.world_size)
+    sampler.set_epoch(cfg.epochs)  # another order than any epoch's
+    opts = make_optimizers(model, cfg, lr)
+    opts.set_schedule(lambda step: mult)
+    model.train()
+    loss_sum, n_seen, steps = 0.0, 0, 0
+    for batch in data.loader("val", cfg.batch_requests, max_len=max_len, sampler=sampler):
+        batch = batch.to(device, non_blocking=True)
+        loss = _step(fwd, batch, opts, cfg, info, device, f"the validation pass, step {steps + 1}")
+        loss_sum += loss * batch.n_candidates
+        n_seen += batch.n_candidates
+        steps += 1
+    model.eval()
+    if info.enabled:
+        loss_sum, n_seen = all_reduce_sum([loss_sum, float(n_seen)], device)
+    return {"steps": steps, "train_loss": loss_sum / max(1, n_seen), "candidates": int(n_seen), "lr": lr * mult}
 
 
 def _bar(on: bool, total: int, desc: str):

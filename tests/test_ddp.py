@@ -1,5 +1,5 @@
 """Data parallel training: 2 processes (gloo, CPU) stay in lockstep and equal 1 process on the same
-global batch, through DDP around the model's own request-level forward; ``torchrun ... -m onetrans_mini
+global batch (the epochs and the validation pass), through DDP around the model's own request-level forward; ``torchrun ... -m onetrans_mini
 train`` works end to end, rank 0 writing the run."""
 
 from __future__ import annotations
@@ -63,9 +63,9 @@ def _worker(rank: int, init_file: str, out_dir: str):
         DDP.forward = counted_ddp_forward  # this spawned process only
         hist = train(model, data, CFG, progress=False)
         last = hist["epochs"][-1]
-        steps = sum(r["steps"] for r in hist["epochs"])
+        steps = sum(r["steps"] for r in hist["epochs"]) + hist["val_pass"]["steps"]  # the epochs, then the pass
         torch.save({"state": model.state_dict(), "val": last["val"], "train_loss": last["train_loss"],
-                    "samples": last["train_samples"], "steps": steps, "counts": counts},
+                    "samples": last["train_samples"], "steps": steps, "counts": counts, "val_pass": hist["val_pass"]},
                    Path(out_dir) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -90,7 +90,7 @@ def test_ddp_runs_the_request_level_forward(ddp_run):
     DDP wrapper, and never the per-candidate full forward."""
     for r in ddp_run:
         c = r["counts"]
-        assert r["steps"] == CFG.epochs * CFG.steps_per_epoch
+        assert r["steps"] == CFG.epochs * CFG.steps_per_epoch + r["val_pass"]["steps"] and r["val_pass"]["steps"] > 0
         assert c.get("ddp") == r["steps"], c  # every step through DDP (gradient all-reduce)
         assert c.get("stage_one:train") == r["steps"], c  # one Stage I per step: the request-level path
         assert not c.get("forward_full:train") and not c.get("forward_full:eval"), c
@@ -109,6 +109,9 @@ def test_two_ranks_stay_identical_and_equal_one_process(tiny_data, ddp_run):
     hist = train(single, tiny_data, CFG.replace(batch_requests=WORLD * PER_RANK), progress=False)
     assert hist["epochs"][-1]["train_samples"] == r0["samples"]
     assert hist["epochs"][-1]["train_loss"] == pytest.approx(r0["train_loss"], rel=1e-5)
+    # the validation pass too: the same requests per step, all of them once (64 requests, even: none dropped)
+    assert hist["val_pass"]["candidates"] == r0["val_pass"]["candidates"] == len(tiny_data.candidate_rows("val"))
+    assert hist["val_pass"]["train_loss"] == pytest.approx(r0["val_pass"]["train_loss"], rel=1e-5)
     for k, v in single.state_dict().items():
         torch.testing.assert_close(r0["state"][k], v, rtol=1e-4, atol=1e-5, msg=k)
     for t, m in hist["epochs"][-1]["val"].items():

@@ -129,6 +129,8 @@ def test_old_run_configs_still_load():
     assert TrainConfig.from_dict(old) == TrainConfig()
     before_ema = {k: v for k, v in old.items() if k != "ema"}  # a run that kept no weight average resumes without
     assert TrainConfig.from_dict(before_ema) == TrainConfig(ema=0.0)
+    before_pass = {k: v for k, v in old.items() if k != "val_pass"}  # nor did it make a validation pass
+    assert TrainConfig.from_dict(before_pass) == TrainConfig(val_pass=False)
     assert TrainConfig.from_dict(old | {"bf16": False}).bf16 == "off"
     with pytest.raises(TrainError, match=r"unknown field\(s\) \['lr_typo'\]"):
         TrainConfig.from_dict({"lr_typo": 1})
@@ -197,7 +199,7 @@ def test_weight_average_follows_its_formula_and_applied_restores_the_weights(tin
 
 def test_training_returns_and_saves_the_average_it_validated(tiny_data, tmp_path):
     """With ema the returned (best) weights are the average, not the last step's; ema=0 returns the raw ones."""
-    cfg = CFG.replace(epochs=1)
+    cfg = CFG.replace(epochs=1, val_pass=False)  # the average alone (the pass would train both further)
     raw = fresh_model(tiny_data)
     train(raw, tiny_data, cfg.replace(ema=0.0), progress=False)
     averaged = fresh_model(tiny_data)
@@ -207,6 +209,49 @@ def test_training_returns_and_saves_the_average_it_validated(tiny_data, tmp_path
     assert_same_state(last, state(raw))
     assert_same_state(load_file(tmp_path / "model.safetensors"), state(averaged))
     assert any(not torch.equal(last[k], v) for k, v in state(averaged).items())
+
+
+def _with_labels(data, split: str, fn):
+    """A shallow copy of ``data`` whose labels of ``split`` are replaced by ``fn(labels)``."""
+    import copy
+
+    rows = data.candidate_rows(split)
+    out = copy.copy(data)
+    out.candidates = dict(data.candidates)
+    for t in data.schema.task_names:
+        y = data.candidates[f"label:{t}"].copy()
+        y[rows] = fn(y[rows])
+        out.candidates[f"label:{t}"] = y
+    return out
+
+
+def test_the_validation_pass_trains_the_kept_weights_on_the_validation_requests_only(tiny_data):
+    """``val_pass``: the epochs (and their validation metrics) are those of a run without it; then one pass
+    over every validation request at the lr where the best epoch ended moves the weights. Validation labels
+    steer it; test labels reach nothing."""
+    cfg = CFG.replace(epochs=2)
+    without = fresh_model(tiny_data)
+    hist0 = train(without, tiny_data, cfg.replace(val_pass=False), progress=False)
+    model = fresh_model(tiny_data)
+    hist = train(model, tiny_data, cfg, progress=False)
+    assert [e["val"] for e in hist["epochs"]] == [e["val"] for e in hist0["epochs"]] and "val_pass" not in hist0
+    vp = hist["val_pass"]
+    n_val = len(tiny_data.request_ids("val"))
+    assert vp["steps"] == math.ceil(n_val / cfg.batch_requests)
+    assert vp["candidates"] == len(tiny_data.candidate_rows("val"))
+    peak = 1e-3  # the default lr of adamw
+    total = cfg.epochs * cfg.steps_per_epoch
+    assert vp["lr"] == pytest.approx(peak * lr_multiplier(cfg, total)(hist["best_epoch"] * cfg.steps_per_epoch))
+    moved = [k for k, v in state(model).items() if not torch.equal(v, state(without)[k])]
+    assert moved  # the pass trained the kept weights
+    flipped_val = fresh_model(tiny_data)
+    train(flipped_val, _with_labels(tiny_data, "val", lambda y: 1 - y), cfg.replace(patience=0, epochs=1), progress=False)
+    reference = fresh_model(tiny_data)
+    train(reference, tiny_data, cfg.replace(patience=0, epochs=1), progress=False)
+    assert any(not torch.equal(v, state(reference)[k]) for k, v in state(flipped_val).items())
+    shuffled_test = fresh_model(tiny_data)
+    train(shuffled_test, _with_labels(tiny_data, "test", lambda y: y[::-1].copy()), cfg, progress=False)
+    assert_same_state(state(shuffled_test), state(model))
 
 
 # checkpoints: save / load / resume
@@ -289,6 +334,7 @@ def test_cli_train_then_evaluate(tmp_path, capsys):
     assert set(res["test"]) == {"click", "purchase"} and res["params"]["dense"] > 0
     assert "user_item_mean" in res["floors"]["click"] and "oracle" in res["floors"]["click"]
     assert f"{res['test']['click']['auc']:.4f}" in printed and "user+item mean" in printed
+    assert res["val_pass"]["steps"] > 0 and "then a pass over the validation requests" in printed
     assert res["threads"] == "2 (--threads)"
     assert main(["evaluate", str(out)]) == 0
     again = capsys.readouterr().out
@@ -320,6 +366,7 @@ TRAIN_FLAGS = {
     "compile": (["--compile"], True),
     "eval_batch_requests": (["--eval-batch-requests", "5"], 5),
     "steps_per_epoch": (["--steps-per-epoch", "2"], 2),
+    "val_pass": (["--no-val-pass"], False),
 }
 
 
