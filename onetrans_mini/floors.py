@@ -67,13 +67,14 @@ def floors(data, alpha: float = 5.0) -> dict:
 
 
 def logistic_regression(data, task: str, l2: tuple[float, ...] = (1e-5, 1e-4, 1e-3), steps: int = 200,
-                        seed: int = 0) -> dict:
+                        seed: int = 0, refit: bool = True) -> dict:
     """The practitioner's baseline: a logistic regression on the one-hot NS features of the schema (every id and
     bucket, the statistics included; a multi-valued feature as the mean of its one-hots), no history sequence.
 
     Fitted on the training split by full-batch Adam for ``steps`` steps at each L2 strength in ``l2``; the strength
-    with the best validation AUC is kept. Returns ``{"l2", "val_auc", "prob": test probabilities (N,)}`` in
-    ``data.candidate_rows("test")`` order."""
+    with the best validation AUC is kept and, with ``refit`` (the default), fitted again on train + validation,
+    so that it learns from the same labelled rows as the floors and as ``train()`` with its validation pass.
+    Returns ``{"l2", "val_auc", "prob": test probabilities (N,)}`` in ``data.candidate_rows("test")`` order."""
     import torch
 
     from .metrics import auc
@@ -94,9 +95,11 @@ def logistic_regression(data, task: str, l2: tuple[float, ...] = (1e-5, 1e-4, 1e
     split_rows = {s: data.candidate_rows(s) for s in ("train", "val", "test")}
     x = {s: design(r) for s, r in split_rows.items()}
     y = {s: torch.from_numpy(data.candidates[f"label:{task}"][r]).float() for s, r in split_rows.items()}
+    x["train+val"] = tuple(torch.cat([a, b]) for a, b in zip(x["train"], x["val"]))
+    y["train+val"] = torch.cat([y["train"], y["val"]])
     width = int(offsets[-1] + sizes[names[-1]])
-    best = None
-    for lam in l2:
+
+    def fit(lam: float, rows: str):  # -> logits(split): full-batch Adam on one split's rows
         g = torch.Generator().manual_seed(seed)
         w = torch.nn.Parameter(torch.randn(width, generator=g) * 0.01)
         b = torch.nn.Parameter(torch.zeros(()))
@@ -108,11 +111,20 @@ def logistic_regression(data, task: str, l2: tuple[float, ...] = (1e-5, 1e-4, 1e
 
         for _ in range(steps):
             opt.zero_grad()
-            loss = torch.nn.functional.binary_cross_entropy_with_logits(logits("train"), y["train"]) + lam * (w * w).sum()
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(logits(rows), y[rows]) + lam * (w * w).sum()
             loss.backward()
             opt.step()
+        return logits
+
+    best = None
+    for lam in l2:
+        logits = fit(lam, "train")
         with torch.no_grad():
             val = auc(y["val"].numpy(), logits("val").numpy())
             if best is None or val > best["val_auc"]:
                 best = {"l2": lam, "val_auc": val, "prob": torch.sigmoid(logits("test")).numpy()}
+    if refit:
+        logits = fit(best["l2"], "train+val")
+        with torch.no_grad():
+            best["prob"] = torch.sigmoid(logits("test")).numpy()
     return best

@@ -256,6 +256,10 @@ def test_logistic_regression_baseline_learns_from_the_same_features(tiny_data):
     assert auc(y, lr["prob"]) > floors(tiny_data)["click"]["item_mean"]["auc"]
     again = logistic_regression(tiny_data, "click", steps=100)
     np.testing.assert_allclose(again["prob"], lr["prob"], rtol=1e-5)  # seeded: the same numbers (up to float sums)
+    # the chosen strength is fitted again on train + validation: the same choice, other weights
+    plain = logistic_regression(tiny_data, "click", steps=100, refit=False)
+    assert plain["l2"] == lr["l2"] and plain["val_auc"] == lr["val_auc"]
+    assert np.abs(plain["prob"] - lr["prob"]).max() > 1e-3
 
 
 def test_a_schema_without_statistics_keeps_everything_else():
