@@ -6,7 +6,7 @@
 Four (or more) OneTrans sizes, from ``nano``-like to ``small``-like (``SIZES`` below), each trained on the
 same stream of training requests for the same number of candidates (less than one epoch of
 ``synthetic-1m``'s 717K training candidates, so no model sees a candidate twice: the data is not the
-limit), with the library's default recipe (``TrainConfig``: AdamW, warm-up then cosine). Each is scored on
+limit), with the library's default recipe (``TrainConfig``: AdamW, warm-up then cosine) less its validation pass. Each is scored on
 the test split; the synthetic world's oracle (its true click probabilities) is the ceiling and the
 user+item floor the baseline. Reports dense parameters, forward FLOPs per candidate (request-level, 16
 candidates per request), test AUC and logloss per task, and the share of the oracle's lift over the floor.
@@ -50,7 +50,8 @@ def run_size(name: str, data, candidates: int, seed: int) -> dict:
     model = OneTrans(cfg, data.schema, data.vocab_sizes())
     n_train = len(data.request_ids("train"))
     per_request = len(data.candidate_rows("train")) / n_train
-    tc = TrainConfig(seed=seed, epochs=1, patience=0, device="cpu")
+    # no validation pass: every size learns from exactly the same training candidates, once
+    tc = TrainConfig(seed=seed, epochs=1, patience=0, device="cpu", val_pass=False)
     steps = max(1, round(candidates / (tc.batch_requests * per_request)))
     if steps * tc.batch_requests > n_train:
         raise SystemExit(f"--candidates {candidates} is more than one epoch of {data.info['name']}: data would repeat")

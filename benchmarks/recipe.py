@@ -9,10 +9,12 @@ Rungs (each adds one change to the one above; the last is today's `onetrans-mini
 1. ``before``: the first version's recipe: no statistic features, weight decay 0.01, no weight average;
 2. ``+ statistics``: the schema's ``TrainingStat`` / ``HistoryStat`` features (``data/statistics.py``);
 3. ``+ weight decay 0.1``;
-4. ``+ weight average``: the exponential moving average of the weights (``TrainConfig.ema``): the default.
+4. ``+ weight average``: the exponential moving average of the weights (``TrainConfig.ema``);
+5. ``+ validation pass``: after early stopping, one pass over the validation requests (``TrainConfig.val_pass``):
+   the default.
 
-The sweep (``SWEEP``) changes one thing of the default at a time: the history length, the width, the
-depth, the number of epochs, and the request grouping (``DataConfig.session_gap`` / ``max_candidates``:
+The sweep (``SWEEP``) changes one thing of rung 4 at a time (it was measured before the validation pass
+joined the default): the history length, the width, the depth, the number of epochs, and the request grouping (``DataConfig.session_gap`` / ``max_candidates``:
 how a user's ratings become requests; these change the requests, so the test candidates differ a little).
 
 Every rung or point trains OneTrans ``small`` with ``train()`` in its own process (``--jobs`` at once, one thread
@@ -35,26 +37,28 @@ from pathlib import Path
 
 # each rung or point: train (TrainConfig fields), model (ModelConfig), data (DataConfig); stats=False drops the
 # schema's statistic features
+NO_PASS = dict(val_pass=False)
 RUNGS = {
-    "before": dict(stats=False, train=dict(weight_decay=0.01, ema=0.0)),
-    "+ statistics": dict(train=dict(weight_decay=0.01, ema=0.0)),
-    "+ weight decay 0.1": dict(train=dict(weight_decay=0.1, ema=0.0)),
-    "+ weight average (default)": {},
+    "before": dict(stats=False, train=dict(weight_decay=0.01, ema=0.0, **NO_PASS)),
+    "+ statistics": dict(train=dict(weight_decay=0.01, ema=0.0, **NO_PASS)),
+    "+ weight decay 0.1": dict(train=dict(weight_decay=0.1, ema=0.0, **NO_PASS)),
+    "+ weight average": dict(train=NO_PASS),
+    "+ validation pass (default)": {},
 }
 
-# one knob at a time around the default
+# one knob at a time around rung 4 (the default before the validation pass)
 SWEEP = {
-    "default": {},
-    "history 32": dict(model=dict(max_len=32)),
-    "history 64": dict(model=dict(max_len=64)),
-    "history 256": dict(model=dict(max_len=256), data=dict(max_len=256)),
-    "width 32": dict(model=dict(d_model=32)),
-    "width 128": dict(model=dict(d_model=128)),
-    "depth 2": dict(model=dict(n_layers=2)),
-    "depth 4": dict(model=dict(n_layers=4)),
-    "epochs 8": dict(train=dict(epochs=8, patience=8)),
+    "default": dict(train=NO_PASS),
+    "history 32": dict(model=dict(max_len=32), train=NO_PASS),
+    "history 64": dict(model=dict(max_len=64), train=NO_PASS),
+    "history 256": dict(model=dict(max_len=256), data=dict(max_len=256), train=NO_PASS),
+    "width 32": dict(model=dict(d_model=32), train=NO_PASS),
+    "width 128": dict(model=dict(d_model=128), train=NO_PASS),
+    "depth 2": dict(model=dict(n_layers=2), train=NO_PASS),
+    "depth 4": dict(model=dict(n_layers=4), train=NO_PASS),
+    "epochs 8": dict(train=dict(epochs=8, patience=8, **NO_PASS)),
     # (one rating per request, max_candidates=1, is the other end, but it takes ~13x the steps of an epoch: hours here)
-    "requests: a day, up to 64": dict(data=dict(session_gap=86400.0, max_candidates=64)),
+    "requests: a day, up to 64": dict(data=dict(session_gap=86400.0, max_candidates=64), train=NO_PASS),
 }
 
 
