@@ -131,7 +131,7 @@ def markdown(res: dict) -> str:
     stats = "" if res.get("statistics", True) else ", without the statistic features"
     lines = [f"# Model scaling on {res['dataset']} ({res['interactions']:,} interactions){stats}", "",
              f"Each size trained once on the same {res['candidates']:,} training candidates (less than one epoch), "
-             f"seed {res['seed']}, {res['threads']} thread(s), default recipe; test split. `{t}` oracle AUC "
+             f"seed {res['seed']}, {res['threads']} thread(s), default recipe without the validation pass; test split. `{t}` oracle AUC "
              f"{ref['oracle']:.4f}, user+item floor {ref['floor']:.4f}.", "",
              f"| size | dense params | FLOPs / candidate | {t} AUC | {t} logloss | share of the oracle's lift | train s |",
              "|---|---:|---:|---:|---:|---:|---:|"]
