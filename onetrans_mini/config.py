@@ -227,7 +227,7 @@ class TrainConfig:
     bf16: str = "auto"
     compile: bool = False  # torch.compile the model
     eval_batch_requests: int = 64
-    steps_per_epoch: int | None = None  # cap (smoke runs, tests); None = the whole training split
+    steps_per_epoch: int | None = None  # cap of an epoch and of the validation pass (smoke runs, tests); None = all
     # after the epochs: train the kept weights once over the validation requests (the lr where the best epoch
     # ended; validation has chosen the epoch by then), as a production ranker trains on every day it has
     val_pass: bool = True

@@ -507,6 +507,8 @@ def _val_pass(model: nn.Module, fwd: nn.Module, data: RequestData, cfg: TrainCon
     model.train()
     loss_sum, n_seen, steps = 0.0, 0, 0
     for batch in data.loader("val", cfg.batch_requests, max_len=max_len, sampler=sampler):
+        if cfg.steps_per_epoch is not None and steps >= cfg.steps_per_epoch:
+            break  # a capped (smoke) run caps its pass like its epochs
         batch = batch.to(device, non_blocking=True)
         loss = _step(fwd, batch, opts, cfg, info, device, f"the validation pass, step {steps + 1}")
         loss_sum += loss * batch.n_candidates

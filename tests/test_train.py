@@ -239,6 +239,8 @@ def test_the_validation_pass_trains_the_kept_weights_on_the_validation_requests_
     n_val = len(tiny_data.request_ids("val"))
     assert vp["steps"] == math.ceil(n_val / cfg.batch_requests)
     assert vp["candidates"] == len(tiny_data.candidate_rows("val"))
+    capped = train(fresh_model(tiny_data), tiny_data, cfg.replace(steps_per_epoch=1, batch_requests=8), progress=False)
+    assert capped["val_pass"]["steps"] == 1 < n_val / 8  # a smoke run's cap holds for the pass too
     peak = 1e-3  # the default lr of adamw
     total = cfg.epochs * cfg.steps_per_epoch
     assert vp["lr"] == pytest.approx(peak * lr_multiplier(cfg, total)(hist["best_epoch"] * cfg.steps_per_epoch))
