@@ -216,7 +216,8 @@ TRAIN_FLAGS: dict[str, dict] = {
                  "run bf16 slower than fp32), on = also on the CPU, off = fp32 everywhere"),
     "compile": dict(action="store_true", help="torch.compile the model"),
     "eval_batch_requests": dict(type=int, help="requests per evaluation batch (default %(d)s)"),
-    "steps_per_epoch": dict(type=int, help="cap the steps of an epoch and of the validation pass (smoke runs; default: the whole split)"),
+    "steps_per_epoch": dict(type=int, help="cap the steps of an epoch and of the validation pass (smoke runs; "
+                            "default: the whole split)"),
     "val_pass": dict(flag="--no-val-pass", action="store_false",
                      help="keep the best epoch's weights as they are; by default they are then trained once over "
                           "the validation requests, the labelled period closest to the test period"),

@@ -277,8 +277,9 @@ def column_of(f: NSFeature) -> str:
 def bucketized(f: NSFeature) -> NSFeature:
     """How a feature is fitted and encoded: a statistic is a ``Bucketized`` of its computed column (quantile
     buckets, log scale for counts); every other feature is itself."""
-    if isinstance(f, STATISTICS):  # counts (no ``mean_of``) on a log scale; a request's share as it is
-        return Bucketized(f.name, f.source, group=f.group, n_buckets=f.n_buckets, log=not getattr(f, "mean_of", True))
+    if isinstance(f, STATISTICS):  # counts (no ``mean_of``) on a log scale; rates and a list's share as they are
+        count = isinstance(f, (TrainingStat, HistoryStat)) and not f.mean_of
+        return Bucketized(f.name, f.source, group=f.group, n_buckets=f.n_buckets, log=count)
     return f
 
 

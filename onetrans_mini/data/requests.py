@@ -32,10 +32,10 @@ import torch
 
 from ..config import DataConfig
 from ..features import (
+    STATISTICS,
     Bucketized,
     Categorical,
     HistoryStat,
-    STATISTICS,
     MultiCategorical,
     RequestStat,
     Schema,
