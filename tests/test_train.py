@@ -399,9 +399,11 @@ def test_cli_train_with_many_flags(tmp_path, capsys):
     rc = main(["train", "--dataset", "synthetic-tiny", "--preset", "nano", "--epochs", "2", "--steps-per-epoch", "2",
                "--batch-requests", "8", "--lr", "0.003", "--schedule", "linear", "--warmup", "0.25", "--min-lr", "0.5",
                "--weight-decay", "0", "--grad-clip", "0", "--patience", "1", "--eval-batch-requests", "7",
-               "--no-bf16", "--max-len", "8", "--activation-checkpointing", "--dropout", "0.1",
+               "--no-bf16", "--max-len", "8", "--activation-checkpointing", "--dropout", "0.1", "--no-val-pass",
                "--out", str(out), "--no-progress", "--device", "cpu"])
     assert rc == 0, capsys.readouterr().err
+    res = json.loads((out / "results.json").read_text())
+    assert "val_pass" not in res and "validation requests" not in (out / "results.md").read_text()  # no pass made
     conf = json.loads((out / "config.json").read_text())
     tc, mc = conf["train_config"], conf["model_config"]
     assert {k: tc[k] for k in ("epochs", "steps_per_epoch", "batch_requests", "lr", "schedule", "warmup", "min_lr",
@@ -409,6 +411,7 @@ def test_cli_train_with_many_flags(tmp_path, capsys):
         "epochs": 2, "steps_per_epoch": 2, "batch_requests": 8, "lr": 0.003, "schedule": "linear", "warmup": 0.25,
         "min_lr": 0.5, "weight_decay": 0.0, "grad_clip": None, "patience": 1, "eval_batch_requests": 7, "bf16": "off",
         "device": "cpu"}
+    assert tc["val_pass"] is False
     assert mc["max_len"] == 8 and mc["activation_checkpointing"] is True and mc["dropout"] == 0.1
     assert "max_len" not in tc and "activation_checkpointing" not in tc
     # 4 steps, 1 of warm-up, linear decay to 0.5 x lr: after epoch 1 (2 steps) the lr is 1 - 0.5 * 1/3 of the peak
