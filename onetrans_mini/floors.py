@@ -121,10 +121,11 @@ def logistic_regression(data, task: str, l2: tuple[float, ...] = (1e-5, 1e-4, 1e
         logits = fit(lam, "train")
         with torch.no_grad():
             val = auc(y["val"].numpy(), logits("val").numpy())
-            if best is None or val > best["val_auc"]:
-                best = {"l2": lam, "val_auc": val, "prob": torch.sigmoid(logits("test")).numpy()}
-    if refit:
+        if best is None or val > best["val_auc"]:
+            best = {"l2": lam, "val_auc": val, "logits": logits}
+    logits = best.pop("logits")
+    if refit:  # the chosen strength again, on every labelled row before the test period
         logits = fit(best["l2"], "train+val")
-        with torch.no_grad():
-            best["prob"] = torch.sigmoid(logits("test")).numpy()
+    with torch.no_grad():
+        best["prob"] = torch.sigmoid(logits("test")).numpy()
     return best
